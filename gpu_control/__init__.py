@@ -1,0 +1,35 @@
+"""gpu_control: the GPU-memory lifecycle of heavy PyTorch models.
+
+Lazy load -> device -> host cache -> released, with leases, immediate offload after use,
+idle and release timeouts, and a status snapshot that never waits.
+
+    from gpu_control import GPUResourceManager
+
+    manager = GPUResourceManager(idle_timeout=60)
+    with manager.use(load_model) as model:
+        output = model(inputs)
+"""
+
+from .config import Settings
+from .default import get_gpu_manager, reset_gpu_manager
+from .errors import GpuControlError, InvalidSetting, LoadError, ModelInUse, OutOfMemory, TransferError
+from .manager import ActionResult, GPUResourceManager, Location, Outcome, Transition
+from .weights import Transfer
+
+__all__ = [
+    "ActionResult",
+    "GPUResourceManager",
+    "GpuControlError",
+    "InvalidSetting",
+    "LoadError",
+    "Location",
+    "ModelInUse",
+    "OutOfMemory",
+    "Outcome",
+    "Settings",
+    "Transfer",
+    "TransferError",
+    "Transition",
+    "get_gpu_manager",
+    "reset_gpu_manager",
+]

@@ -1,0 +1,186 @@
+"""Settings of a manager, validated in one place, and read from the environment.
+
+Environment variables:
+
+=========================  =======  ===================================================
+``GPU_IDLE_TIMEOUT``       60       seconds a model may sit idle on the GPU before it is
+                                    offloaded to the host cache (0: as soon as idle,
+                                    ``inf``: never)
+``GPU_RELEASE_TIMEOUT``    0        seconds a model may sit in the host cache before it is
+                                    released entirely (0: never)
+``GPU_OFFLOAD_AFTER_USE``  true     offload as soon as the last user is done
+``GPU_DEVICE``             (auto)   ``cuda``, ``cuda:1`` or ``cpu``; auto picks ``cuda``
+                                    when available
+``NVIDIA_VISIBLE_DEVICES`` (unset)  outside a container, copied to ``CUDA_VISIBLE_DEVICES``
+                                    when that is unset (inside one, the runtime applies it)
+=========================  =======  ===================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import InvalidSetting
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_RELEASE_TIMEOUT",
+    "DEFAULT_OFFLOAD_AFTER_USE",
+    "Settings",
+    "validate_timeout",
+    "validate_device",
+    "apply_visible_devices",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_RELEASE_TIMEOUT = 0.0
+DEFAULT_OFFLOAD_AFTER_USE = True
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def validate_timeout(name: str, value: Any, *, allow_inf: bool = True) -> float:
+    """Return ``value`` as seconds, or raise InvalidSetting naming ``name``.
+
+    Args:
+        name: what the value is called where the user set it (a parameter or variable).
+        value: a number, or a string holding one (``"inf"`` allowed when ``allow_inf``).
+        allow_inf: whether infinity ("never") is accepted.
+
+    Returns:
+        The timeout in seconds, a float >= 0.
+
+    Raises:
+        InvalidSetting: the value is not a number, is NaN, negative, or infinite when
+            infinity is not allowed.
+    """
+    if isinstance(value, bool):
+        raise InvalidSetting(f"{name} must be a number of seconds, not {value!r}.")
+    try:
+        seconds = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise InvalidSetting(f"{name} must be a number of seconds, not {value!r}.") from None
+    if math.isnan(seconds):
+        raise InvalidSetting(f"{name} must be a number of seconds, not NaN.")
+    if seconds < 0:
+        raise InvalidSetting(f"{name} must be 0 or more seconds, not {value!r}.")
+    if math.isinf(seconds) and not allow_inf:
+        raise InvalidSetting(f"{name} must be a finite number of seconds (use 0 for never).")
+    return seconds
+
+
+def validate_bool(name: str, value: Any) -> bool:
+    """Return ``value`` as a bool, accepting true/false/1/0/yes/no/on/off strings."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidSetting(f"{name} must be true or false, not {value!r}.")
+
+
+def validate_device(name: str, value: Any) -> str | None:
+    """Return a device string (``cpu``, ``cuda``, ``cuda:N``), None for auto, or raise."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text == "cpu" or text == "cuda":
+        return text
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return text
+    raise InvalidSetting(f"{name} must be 'cpu', 'cuda' or 'cuda:N', not {value!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The validated settings of one manager.
+
+    Attributes:
+        idle_timeout: seconds idle on the device before offloading to the host cache.
+        release_timeout: seconds in the host cache before releasing (0 = never).
+        offload_after_use: offload as soon as the last lease ends.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or None (auto).
+    """
+
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    release_timeout: float = DEFAULT_RELEASE_TIMEOUT
+    offload_after_use: bool = DEFAULT_OFFLOAD_AFTER_USE
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "idle_timeout", validate_timeout("idle_timeout", self.idle_timeout))
+        object.__setattr__(
+            self,
+            "release_timeout",
+            validate_timeout("release_timeout", self.release_timeout, allow_inf=False),
+        )
+        object.__setattr__(
+            self, "offload_after_use", validate_bool("offload_after_use", self.offload_after_use)
+        )
+        object.__setattr__(self, "device", validate_device("device", self.device))
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Return a copy with the given non-None fields replaced (and validated)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``GPU_*`` environment variables.
+
+        Raises:
+            InvalidSetting: a variable holds a bad value; the message names the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if env.get("GPU_IDLE_TIMEOUT", "").strip():
+            values["idle_timeout"] = validate_timeout("GPU_IDLE_TIMEOUT", env["GPU_IDLE_TIMEOUT"])
+        if env.get("GPU_RELEASE_TIMEOUT", "").strip():
+            values["release_timeout"] = validate_timeout(
+                "GPU_RELEASE_TIMEOUT", env["GPU_RELEASE_TIMEOUT"], allow_inf=False
+            )
+        if env.get("GPU_OFFLOAD_AFTER_USE", "").strip():
+            values["offload_after_use"] = validate_bool(
+                "GPU_OFFLOAD_AFTER_USE", env["GPU_OFFLOAD_AFTER_USE"]
+            )
+        if env.get("GPU_DEVICE", "").strip():
+            values["device"] = validate_device("GPU_DEVICE", env["GPU_DEVICE"])
+        return cls(**values)
+
+
+def _in_container() -> bool:
+    """Whether this process looks like it runs in a Docker/Podman container."""
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+
+
+def apply_visible_devices(environ: os._Environ[str] | dict[str, str] | None = None) -> str | None:
+    """Honour ``NVIDIA_VISIBLE_DEVICES`` on bare metal by copying it to ``CUDA_VISIBLE_DEVICES``.
+
+    Inside a container the NVIDIA runtime already exposes only those GPUs (renumbered from
+    0), so copying would hide them; this does nothing there, nor when
+    ``CUDA_VISIBLE_DEVICES`` is already set. Call it before CUDA is initialised.
+
+    Returns:
+        The value written to ``CUDA_VISIBLE_DEVICES``, or None when nothing was changed.
+    """
+    env = os.environ if environ is None else environ
+    nvidia = env.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    if not nvidia or "CUDA_VISIBLE_DEVICES" in env or _in_container():
+        return None
+    if nvidia.lower() in ("all", "void"):
+        return None
+    value = "" if nvidia.lower() == "none" else nvidia
+    env["CUDA_VISIBLE_DEVICES"] = value
+    logger.info("NVIDIA_VISIBLE_DEVICES=%s applied as CUDA_VISIBLE_DEVICES=%s", nvidia, value)
+    return value

@@ -1,0 +1,83 @@
+"""Memory probes: what the torch allocator and the driver say about a device.
+
+Every CUDA-only call is guarded: on a machine without CUDA the GPU figures are 0 or None
+and nothing raises.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GIB", "MemoryReading", "to_gb", "read_memory", "device_name", "resolve_device", "empty_cache"]
+
+GIB = 2**30
+
+
+def to_gb(n_bytes: int | float | None) -> float | None:
+    """Bytes to GiB (``bytes / 2**30``), full precision; None stays None."""
+    return None if n_bytes is None else n_bytes / GIB
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One reading of a device's memory, in bytes (None where it cannot be known)."""
+
+    allocated: int = 0
+    reserved: int = 0
+    free: int | None = None
+    total: int | None = None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Return the compute device: the one given, else ``cuda`` when available, else ``cpu``.
+
+    A bare ``cuda`` becomes ``cuda:<current device>`` so that figures name one card.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            from .errors import InvalidSetting
+
+            raise InvalidSetting(f"Device {device!r} was asked for but CUDA is not available here.")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            from .errors import InvalidSetting
+
+            raise InvalidSetting(
+                f"Device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible."
+            )
+        dev = torch.device("cuda", index)
+    return dev
+
+
+def read_memory(device: torch.device) -> MemoryReading:
+    """Read allocator and driver figures for ``device`` (zeros/None for a CPU device)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return MemoryReading()
+    free, total = torch.cuda.mem_get_info(device)
+    return MemoryReading(
+        allocated=torch.cuda.memory_allocated(device),
+        reserved=torch.cuda.memory_reserved(device),
+        free=free,
+        total=total,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str | None:
+    """The card's name for a CUDA device, else None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    """Return the allocator's cached, unused blocks of ``device`` to the driver."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
