@@ -1,13 +1,18 @@
 """Memory probes: what the torch allocator and the driver say about a device.
 
 Every CUDA-only call is guarded: on a machine without CUDA the GPU figures are 0 or None
-and nothing raises.
+and nothing raises. Reading the status must not create a CUDA context (a few hundred MB of
+GPU memory, and an error on ZeroGPU Spaces): until this process has initialised CUDA, free
+and total memory and the card's name come from NVML when ``pynvml`` is installed, else they
+are None.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,7 +49,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             from .errors import InvalidSetting
 
             raise InvalidSetting(f"Device {device!r} was asked for but CUDA is not available here.")
-        index = torch.cuda.current_device() if dev.index is None else dev.index
+        index = 0 if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
             from .errors import InvalidSetting
 
@@ -55,24 +60,63 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _nvml_handle(index: int) -> Any | None:
+    """An NVML handle for the CUDA device ``index`` of this process, or None."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        if index >= len(ids) or not ids[index].isdigit():
+            return None
+        index = int(ids[index])
+    try:
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # NVML missing or the driver refused: figures stay unknown
+        return None
+
+
 def read_memory(device: torch.device) -> MemoryReading:
     """Read allocator and driver figures for ``device`` (zeros/None for a CPU device)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return MemoryReading()
-    free, total = torch.cuda.mem_get_info(device)
-    return MemoryReading(
-        allocated=torch.cuda.memory_allocated(device),
-        reserved=torch.cuda.memory_reserved(device),
-        free=free,
-        total=total,
-    )
+    if torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info(device)
+        return MemoryReading(
+            allocated=torch.cuda.memory_allocated(device),
+            reserved=torch.cuda.memory_reserved(device),
+            free=free,
+            total=total,
+        )
+    handle = _nvml_handle(device.index or 0)
+    if handle is None:
+        return MemoryReading()
+    import pynvml  # type: ignore[import-not-found]
+
+    info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    return MemoryReading(free=int(info.free), total=int(info.total))
 
 
-@functools.lru_cache(maxsize=None)
 def device_name(device: torch.device) -> str | None:
     """The card's name for a CUDA device, else None."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
+    if torch.cuda.is_initialized():
+        return _initialised_device_name(device)
+    handle = _nvml_handle(device.index or 0)
+    if handle is None:
+        return None
+    import pynvml  # type: ignore[import-not-found]
+
+    name = pynvml.nvmlDeviceGetName(handle)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _initialised_device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 

@@ -123,3 +123,13 @@ def test_public_names_match_all():
     assert set(gpu_control.__all__) == public - modules
     for name in gpu_control.__all__:
         assert getattr(gpu_control, name) is not None
+
+
+def test_memory_probe_on_a_cpu_device_reports_zeros_and_unknowns():
+    import torch
+
+    from gpu_control.memory import device_name, read_memory
+
+    reading = read_memory(torch.device("cpu"))
+    assert (reading.allocated, reading.reserved, reading.free, reading.total) == (0, 0, None, None)
+    assert device_name(torch.device("cpu")) is None
