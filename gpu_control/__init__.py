@@ -10,26 +10,31 @@ idle and release timeouts, and a status snapshot that never waits.
         output = model(inputs)
 """
 
+from .checkpoint import CheckpointLoad, load_safetensors
 from .config import Settings
 from .default import get_gpu_manager, reset_gpu_manager
 from .errors import GpuControlError, InvalidSetting, LoadError, ModelInUse, OutOfMemory, TransferError
 from .manager import ActionResult, GPUResourceManager, Location, Outcome, Transition
-from .weights import Transfer
+from .weights import ModelWeights, Transfer, attach
 
 __all__ = [
     "ActionResult",
+    "CheckpointLoad",
     "GPUResourceManager",
     "GpuControlError",
     "InvalidSetting",
     "LoadError",
     "Location",
     "ModelInUse",
+    "ModelWeights",
     "OutOfMemory",
     "Outcome",
     "Settings",
     "Transfer",
     "TransferError",
     "Transition",
+    "attach",
     "get_gpu_manager",
+    "load_safetensors",
     "reset_gpu_manager",
 ]

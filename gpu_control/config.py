@@ -13,6 +13,8 @@ Environment variables:
                                     when available
 ``NVIDIA_VISIBLE_DEVICES`` (unset)  outside a container, copied to ``CUDA_VISIBLE_DEVICES``
                                     when that is unset (inside one, the runtime applies it)
+``GPU_PIN_LIMIT_GB``       (RAM/2)  GiB of host memory the transfer engine may page-lock in
+                                    this process (0: never pin)
 =========================  =======  ===================================================
 """
 
@@ -47,13 +49,14 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def validate_timeout(name: str, value: Any, *, allow_inf: bool = True) -> float:
+def validate_timeout(name: str, value: Any, *, allow_inf: bool = True, unit: str = "seconds") -> float:
     """Return ``value`` as seconds, or raise InvalidSetting naming ``name``.
 
     Args:
         name: what the value is called where the user set it (a parameter or variable).
         value: a number, or a string holding one (``"inf"`` allowed when ``allow_inf``).
         allow_inf: whether infinity ("never") is accepted.
+        unit: what the number counts, for the message (``seconds``, ``GiB``).
 
     Returns:
         The timeout in seconds, a float >= 0.
@@ -63,17 +66,17 @@ def validate_timeout(name: str, value: Any, *, allow_inf: bool = True) -> float:
             infinity is not allowed.
     """
     if isinstance(value, bool):
-        raise InvalidSetting(f"{name} must be a number of seconds, not {value!r}.")
+        raise InvalidSetting(f"{name} must be a number of {unit}, not {value!r}.")
     try:
         seconds = float(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
-        raise InvalidSetting(f"{name} must be a number of seconds, not {value!r}.") from None
+        raise InvalidSetting(f"{name} must be a number of {unit}, not {value!r}.") from None
     if math.isnan(seconds):
-        raise InvalidSetting(f"{name} must be a number of seconds, not NaN.")
+        raise InvalidSetting(f"{name} must be a number of {unit}, not NaN.")
     if seconds < 0:
-        raise InvalidSetting(f"{name} must be 0 or more seconds, not {value!r}.")
+        raise InvalidSetting(f"{name} must be 0 or more {unit}, not {value!r}.")
     if math.isinf(seconds) and not allow_inf:
-        raise InvalidSetting(f"{name} must be a finite number of seconds (use 0 for never).")
+        raise InvalidSetting(f"{name} must be a finite number of {unit} (use 0 for never).")
     return seconds
 
 
@@ -156,6 +159,8 @@ class Settings:
             )
         if env.get("GPU_DEVICE", "").strip():
             values["device"] = validate_device("GPU_DEVICE", env["GPU_DEVICE"])
+        if env.get("GPU_PIN_LIMIT_GB", "").strip():
+            validate_timeout("GPU_PIN_LIMIT_GB", env["GPU_PIN_LIMIT_GB"], unit="GiB")
         return cls(**values)
 
 

@@ -174,6 +174,9 @@ class GPUResourceManager:
         self._leak_bytes = 0
         self._leak_message: str | None = None
         self._release_note: str | None = None
+        self._released_ref: weakref.ref[Any] | None = None
+        self._leak_source: tuple[ModelWeights, weakref.ref[Any] | None] | None = None
+        self._leak_checked_at = 0.0
         self._counts = {"loads": 0, "restores": 0, "offloads": 0, "releases": 0, "uses": 0}
         self._watcher = DeadlineWatcher(self._due, clock=clock, name=f"gpu-watcher-{name}")
 
@@ -357,6 +360,7 @@ class GPUResourceManager:
         Returns:
             A JSON-ready dict (the schema in DESIGN.md); sizes ``*_gb`` are GiB.
         """
+        self._recheck_leak()
         now = self._clock()
         with self._cond:
             location = self._location
@@ -626,7 +630,7 @@ class GPUResourceManager:
                 self._counts["releases"] += 1
                 self._pending.clear()
             self._record(kind, reason, seconds, transfer.bytes_copied)
-            self._set_leak_locked(leak, kind)
+            self._set_leak_locked(leak, kind, weights)
             self._cond.notify_all()
         verb = "Offloaded" if kind is Transition.OFFLOADING else "Released"
         self._log(verb, reason, seconds, transfer.bytes_copied)
@@ -643,6 +647,7 @@ class GPUResourceManager:
         transfer = weights.release()
         gc.collect()
         self._release_note = None
+        self._released_ref = model_ref
         if model_ref is not None and model_ref() is not None:
             self._release_note = (
                 "the model object is still referenced outside the manager after release; "
@@ -651,15 +656,42 @@ class GPUResourceManager:
             logger.warning("Released %r, but %s", self.name, self._release_note)
         return transfer
 
-    def _set_leak_locked(self, leak: int, kind: Transition) -> None:
+    def _set_leak_locked(self, leak: int, kind: Transition, weights: ModelWeights) -> None:
         """Record what a move left behind; caller holds the lock."""
         self._leak_bytes = leak
         self._leak_message = None
+        self._leak_source = None
         if leak > 0:
             self._leak_message = f"{_human_bytes(leak)} still referenced outside the manager"
             logger.warning("After %s of %r: %s", kind.value, self.name, self._leak_message)
         elif kind is Transition.RELEASING and self._release_note:
             self._leak_message = self._release_note
+        if self._leak_message is not None:
+            released = self._released_ref if kind is Transition.RELEASING else None
+            self._leak_source = (weights, released)
+
+    def _recheck_leak(self) -> None:
+        """Clear a leak report once the outside references are gone (checked at most once a second).
+
+        A caller often still holds the model for a moment after its lease ends (the ``as``
+        name of its ``with`` block), so a leak seen right after a deferred move may vanish.
+        """
+        with self._cond:
+            source = self._leak_source
+            if source is None or time.monotonic() - self._leak_checked_at < 1.0:
+                return
+            self._leak_checked_at = time.monotonic()
+        weights, released = source
+        leak = weights.leaked_bytes()
+        model_alive = released is not None and released() is not None
+        if leak or model_alive:
+            return
+        with self._cond:
+            if self._leak_source is source:
+                logger.info("The memory reported as still referenced for %r is now free", self.name)
+                self._leak_source = None
+                self._leak_bytes = 0
+                self._leak_message = None
 
     # ------------------------------------------------------------------ internals: deadlines
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 import gpu_control
@@ -44,6 +46,7 @@ def test_environment_variables_are_read():
         ("GPU_RELEASE_TIMEOUT", "inf"),
         ("GPU_OFFLOAD_AFTER_USE", "sometimes"),
         ("GPU_DEVICE", "gpu0"),
+        ("GPU_PIN_LIMIT_GB", "lots"),
     ],
 )
 def test_a_bad_variable_fails_with_a_message_naming_it(name, value):
@@ -118,9 +121,12 @@ def test_get_gpu_manager_with_a_bad_environment_names_the_variable(monkeypatch, 
 
 
 def test_public_names_match_all():
-    public = {name for name in vars(gpu_control) if not name.startswith("_")}
-    modules = {"config", "default", "errors", "manager", "memory", "monitor", "weights", "rest"}
-    assert set(gpu_control.__all__) == public - modules
+    public = {
+        name
+        for name, value in vars(gpu_control).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert set(gpu_control.__all__) == public
     for name in gpu_control.__all__:
         assert getattr(gpu_control, name) is not None
 

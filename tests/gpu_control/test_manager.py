@@ -258,6 +258,16 @@ def test_release_reports_a_model_still_referenced_outside():
     del kept
 
 
+def test_a_leak_report_clears_once_the_outside_reference_is_dropped():
+    manager, _ = make_manager()
+    with manager.use(CountingLoader()) as model:
+        manager.force_release()
+    assert manager.get_status()["leak"] is not None
+    del model
+    manager._leak_checked_at = 0.0
+    assert manager.get_status()["leak"] is None
+
+
 def test_release_of_an_unreferenced_model_reports_no_leak():
     manager, _ = make_manager()
     with manager.use(CountingLoader()):
