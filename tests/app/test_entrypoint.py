@@ -1,0 +1,197 @@
+"""`python app.py`: flags and environment, exit status 2 on bad config, and a real start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import DEFAULT_PORT, ConfigError, load_config, main
+
+from .helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_listen_on_all_interfaces_port_7860_with_the_seed_policy():
+    config = load_config([], {})
+    assert (config.host, config.port, config.pipeline, config.share) == ("0.0.0.0", DEFAULT_PORT, None, False)
+    settings = config.settings
+    assert (settings.idle_timeout, settings.release_timeout, settings.offload_after_use, settings.device) == (
+        60.0,
+        0.0,
+        True,
+        None,
+    )
+
+
+def test_environment_is_read_and_flags_override_it():
+    env = {
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": "7999",
+        "GPU_IDLE_TIMEOUT": "120",
+        "GPU_RELEASE_TIMEOUT": "600",
+        "GPU_DEVICE": "cpu",
+    }
+    from_env = load_config([], env)
+    assert (from_env.host, from_env.port) == ("127.0.0.1", 7999)
+    assert (from_env.settings.idle_timeout, from_env.settings.release_timeout) == (120.0, 600.0)
+    flags = load_config(
+        [
+            "--host",
+            "::1",
+            "--port",
+            "8000",
+            "--idle-timeout",
+            "5",
+            "--release-timeout",
+            "0",
+            "--keep-on-gpu",
+            "--device",
+            "cpu",
+            "--pipeline",
+            "mypkg.mod:factory",
+            "--share",
+        ],
+        env,
+    )
+    assert (flags.host, flags.port, flags.pipeline, flags.share) == ("::1", 8000, "mypkg.mod:factory", True)
+    assert (
+        flags.settings.idle_timeout,
+        flags.settings.release_timeout,
+        flags.settings.offload_after_use,
+    ) == (
+        5.0,
+        0.0,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--idle-timeout", "-1"], {}, "--idle-timeout must be 0 or more seconds"),
+        (["--release-timeout", "inf"], {}, "--release-timeout must be a finite number"),
+        (["--port", "99999"], {}, "--port must be a port number"),
+        ([], {"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT must be a port number"),
+        ([], {"GPU_IDLE_TIMEOUT": "soon"}, "GPU_IDLE_TIMEOUT must be a number of seconds"),
+        ([], {"GPU_OFFLOAD_AFTER_USE": "sometimes"}, "GPU_OFFLOAD_AFTER_USE must be true or false"),
+        (["--device", "tpu"], {}, "--device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_flag_or_variable(argv, env, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(argv, env)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--idle-timeout", "-1"], "error: --idle-timeout must be 0 or more seconds"),
+        (["--pipeline", "no_such_module_here:make"], "error: Cannot import module 'no_such_module_here'"),
+        (["--pipeline", "json"], "error: Pipeline 'json' must look like 'package.module:attribute'"),
+    ]
+    + ([] if __import__("torch").cuda.is_available() else [(["--device", "cuda"], "error: Device 'cuda'")]),
+)
+def test_main_exits_2_with_one_line_and_no_traceback(argv, needle, capsys, monkeypatch):
+    monkeypatch.delenv("GPU_DEVICE", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle)
+    assert "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_", "GRADIO_SERVER"))}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", **extra)
+    return env
+
+
+def test_python_app_py_with_a_bad_variable_exits_2_without_traceback():
+    done = subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=ROOT,
+        env=_env(GPU_IDLE_TIMEOUT="-5"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().splitlines()[-1] == "error: GPU_IDLE_TIMEOUT must be 0 or more seconds, not '-5'."
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_python_app_py_serves_rest_ui_and_docs_and_loads_nothing(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--output-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                status = httpx.get(f"{url}/gpu/status", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert status is not None and status.status_code == 200, "the app did not answer in 60 s"
+        assert status.json()["model_location"] == "unloaded"
+        assert status.json()["counts"]["loads"] == 0
+        assert httpx.get(f"{url}/").status_code == 200
+        assert httpx.get(f"{url}/docs").status_code == 200
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "Traceback" not in output
+    assert f"Talking Portrait on http://127.0.0.1:{port}" in output
+
+
+def test_share_link_is_logged_as_https(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from gradio import networking
+
+    from app import _open_share_link
+
+    calls = []
+    monkeypatch.setattr(
+        networking, "setup_tunnel", lambda *args: calls.append(args) or "http://abc123.gradio.live"
+    )
+    with caplog.at_level(logging.INFO, logger="app"):
+        _open_share_link(SimpleNamespace(started=True, should_exit=False), 7861)
+    assert calls[0][:2] == ("127.0.0.1", 7861)
+    assert "Public share link (temporary): https://abc123.gradio.live" in caplog.text
+
+
+def test_share_link_failure_only_warns(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from gradio import networking
+
+    from app import _open_share_link
+
+    def fail(*args):
+        raise RuntimeError("Could not get share link from Gradio API Server.")
+
+    monkeypatch.setattr(networking, "setup_tunnel", fail)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        _open_share_link(SimpleNamespace(started=True, should_exit=False), 7861)
+    assert "Could not open a share link (Could not get share link from Gradio API Server.)" in caplog.text

@@ -1,0 +1,381 @@
+"""The app's Blocks UI: portrait + speech in, talking video out, with the live GPU panel.
+
+Layout and wiring only: the model's lifecycle belongs to `gpu_control`, generation to
+`pipelines`. Every event that touches the model shares one queue slot
+(``concurrency_id="gpu"``, limit 1); the GPU panel's controls are not queued and answer at
+once. ``generate_video`` is also an API endpoint and an MCP tool (its docstring is the tool's
+description) and answers JSON text.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import gradio as gr
+from PIL import Image
+
+from gpu_control import GpuControlError, GPUResourceManager, LoadError
+from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
+
+from .gpu_panel import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
+
+__all__ = [
+    "EXAMPLES_DIR",
+    "GPU_QUEUE",
+    "appearance",
+    "build_demo",
+    "cost_html",
+    "example_rows",
+    "make_generate_fn",
+]
+
+GPU_QUEUE = "gpu"
+"""The concurrency id every model-touching event shares (with a limit of 1)."""
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+
+_HEADER = """
+<div class="tp-header">
+  <div>
+    <div class="tp-title">Talking Portrait</div>
+    <div class="tp-tagline">A portrait and a speech track in, a talking video out. The model is loaded on the
+    first request, moved to host RAM after each job and released when idle: watch it on the right.</div>
+  </div>
+  <div class="tp-links">
+    <a href="docs" target="_blank">REST API</a>
+    <a href="gradio_api/mcp/" target="_blank">MCP</a>
+    <a href="?view=api" target="_blank">Gradio API</a>
+  </div>
+</div>
+"""
+
+_CSS = (
+    """
+.gradio-container { max-width: 1480px !important; }
+.tp-header { display: flex; justify-content: space-between; align-items: flex-end; gap: 16px; flex-wrap: wrap;
+  padding: 6px 4px 2px; }
+.tp-title { font-size: 1.75rem; font-weight: 700; letter-spacing: -0.01em; }
+.tp-tagline { color: var(--body-text-color-subdued); max-width: 760px; margin-top: 2px; }
+.tp-links { display: flex; gap: 8px; }
+.tp-links a { padding: 4px 12px; border-radius: 999px; border: 1px solid var(--border-color-primary);
+  text-decoration: none; font-size: 0.85rem; color: var(--body-text-color); }
+.tp-links a:hover { background: var(--background-fill-secondary); }
+.tp-cost { display: flex; flex-direction: column; gap: 8px; padding: 2px; }
+.tp-cost-title { font-weight: 600; }
+.tp-phases { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 6px; }
+.tp-phase { display: flex; flex-direction: column; gap: 2px; padding: 8px 10px; border-radius: 8px;
+  background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
+.tp-phase span { font-size: 0.75rem; color: var(--body-text-color-subdued); }
+.tp-phase b { font-size: 1.05rem; }
+.tp-total { border-color: var(--color-accent); }
+.tp-facts { font-size: 0.9rem; }
+.tp-muted { font-size: 0.8rem; color: var(--body-text-color-subdued); }
+.tp-note { padding: 6px 10px; border-radius: 8px; font-size: 0.85rem; background: rgba(217, 119, 6, 0.1);
+  border: 1px solid rgba(217, 119, 6, 0.35); }
+"""
+    + PANEL_CSS
+)
+
+
+def appearance() -> dict[str, Any]:
+    """The theme and CSS to pass to ``gr.mount_gradio_app`` or ``demo.launch``."""
+    theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="violet", neutral_hue="slate")
+    return {"theme": theme, "css": _CSS}
+
+
+def example_rows(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """Pair each example portrait with a speech clip from ``folder`` (sorted by name).
+
+    Returns:
+        ``[[image_path, audio_path], ...]``; empty when the folder has no image or no audio.
+    """
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in _IMAGE_SUFFIXES]
+    audios = [p for p in files if p.suffix.lower() in _AUDIO_SUFFIXES]
+    if not images or not audios:
+        return []
+    count = max(len(images), len(audios))
+    return [[str(images[i % len(images)]), str(audios[i % len(audios)])] for i in range(count)]
+
+
+def _public_url(request: gr.Request | None, path: str) -> str | None:
+    """The URL at which Gradio serves ``path`` to the caller of ``request``."""
+    if request is None:
+        return None
+    headers = {str(k).lower(): str(v) for k, v in dict(getattr(request, "headers", {}) or {}).items()}
+    host = headers.get("x-forwarded-host", headers.get("host", "")).split(",")[0].strip()
+    if not host:
+        return None
+    proto = headers.get("x-forwarded-proto", "").split(",")[0].strip()
+    if not proto:
+        url = str(getattr(request, "url", "") or "")
+        proto = "https" if url.startswith("https:") else "http"
+    return f"{proto}://{host}/gradio_api/file={quote(path)}"
+
+
+def _counts(manager: GPUResourceManager) -> dict[str, int]:
+    return dict(manager.get_status()["counts"])
+
+
+def make_generate_fn(manager: GPUResourceManager, pipeline: Pipeline, output_dir: Path) -> Any:
+    """Build ``generate_video``, the function behind the Generate button, the API and MCP."""
+
+    def generate_video(
+        image: str | None,
+        audio: str | None,
+        fps: float = 25,
+        size: float = 512,
+        expressiveness: float = 1.0,
+        head_motion: float = 1.0,
+        blinks: float = 1.0,
+        seed: float = 0,
+        mouth: str | None = None,
+        request: gr.Request = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
+    ) -> str:
+        """Animate a portrait so that it speaks the given speech track, and return the talking video.
+
+        The video model is loaded on the GPU for the job (from disk on the first job, from host RAM afterwards) and moved off the GPU when the job ends. Jobs run one at a time.
+
+        Args:
+            image: the portrait: one face, roughly frontal (png, jpeg or webp; at least 64 px a side).
+            audio: the speech track (wav, mp3, flac, ogg or m4a); the video is as long as the audio.
+            fps: frames per second of the video (1-60).
+            size: long side of the video in pixels (64-2048); the short side follows the portrait.
+            expressiveness: how wide the mouth opens (0-2; 0 keeps it closed).
+            head_motion: how much the head sways and nods (0-2; 0 keeps it still).
+            blinks: blink rate relative to a natural one (0-3; 0 disables blinking).
+            seed: makes head motion and blinks repeatable (whole number).
+            mouth: optional mouth position "x,y" as fractions of the image width and height (e.g. "0.5,0.7"); empty detects it automatically.
+
+        Returns:
+            JSON text: video_url (where to download the MP4), video_path (on the server), duration_s, frames, fps, width, height, notes (remarks such as no face found), timings in seconds (acquire = load or restore the model, generate, release = offload after the job) and acquired_by ("load", "restore" or "resident").
+        """
+        if not image:
+            raise ToolError(
+                "Add a portrait image first: upload one, paste one, or click an example below.",
+                print_exception=False,
+            )
+        if not audio:
+            raise ToolError(
+                "Add a speech track first: upload an audio file or record one with the microphone.",
+                print_exception=False,
+            )
+        output_path = output_dir / f"talking-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.mp4"
+        try:
+            options = GenerateOptions.from_mapping(
+                {
+                    "fps": fps,
+                    "size": size,
+                    "expressiveness": expressiveness,
+                    "head_motion": head_motion,
+                    "blinks": blinks,
+                    "seed": seed,
+                    "mouth": mouth,
+                    "output_path": str(output_path),
+                }
+            )
+        except ValueError as error:
+            raise ToolError(f"{error}", print_exception=False) from error
+        progress(0.0, desc="Waiting for the model")
+        before = _counts(manager)
+        try:
+            video = run_pipeline(
+                manager,
+                pipeline,
+                image,
+                audio,
+                options,
+                lambda fraction, message: progress(fraction, desc=message),
+            )
+        except MediaError as error:
+            raise ToolError(str(error), print_exception=False) from error
+        except LoadError as error:
+            raise ToolError(
+                f"{error} Check the server log; the next request tries to load it again."
+            ) from error
+        except (GpuControlError, PipelineError) as error:
+            raise ToolError(str(error)) from error
+        after = _counts(manager)
+        if after["loads"] > before["loads"]:
+            acquired_by = "load"
+        elif after["restores"] > before["restores"]:
+            acquired_by = "restore"
+        else:
+            acquired_by = "resident"
+        result = {
+            "video_url": _public_url(request, video.path),
+            "video_path": video.path,
+            **{k: v for k, v in video.to_dict().items() if k != "path"},
+            "acquired_by": acquired_by,
+            "offloaded": after["offloads"] > before["offloads"],
+        }
+        return json.dumps(result)
+
+    return generate_video
+
+
+_PHASES = ("validate", "acquire", "generate", "release")
+
+
+def cost_html(result: dict[str, Any]) -> str:
+    """What a job cost (model acquire, generate, offload seconds) and the video's facts, as HTML.
+
+    Args:
+        result: what ``generate_video`` returned, parsed.
+    """
+    timings = result.get("timings") or {}
+    acquire = {"load": "Load model", "restore": "Restore from RAM", "resident": "Model was ready"}
+    release = "Offload to RAM" if result.get("offloaded") else "End of job"
+    phases = [
+        (acquire.get(result.get("acquired_by"), "Acquire model"), timings.get("acquire")),
+        ("Generate", timings.get("generate")),
+        (release, timings.get("release")),
+    ]
+    total = sum(seconds for _, seconds in phases if seconds)
+    cells = "".join(
+        f'<div class="tp-phase"><span>{html.escape(name)}</span><b>{format_seconds(seconds) if seconds is not None else "–"}</b></div>'
+        for name, seconds in phases
+    )
+    cells += f'<div class="tp-phase tp-total"><span>Total</span><b>{format_seconds(total)}</b></div>'
+    inside = [
+        f"{html.escape(name)} {format_seconds(seconds)}"
+        for name, seconds in timings.items()
+        if name not in _PHASES
+    ]
+    breakdown = f'<div class="tp-muted">generate = {" · ".join(inside)}</div>' if inside else ""
+    facts = (
+        f"{float(result.get('duration_s', 0)):.2f} s of video · {int(result.get('frames', 0))} frames at "
+        f"{result.get('fps')} fps · {result.get('width')}×{result.get('height')} px"
+    )
+    notes = "".join(
+        f'<div class="tp-note">{html.escape(str(note))}</div>' for note in result.get("notes") or []
+    )
+    return (
+        '<div class="tp-cost"><div class="tp-cost-title">What this job cost</div>'
+        f'<div class="tp-phases">{cells}</div>{breakdown}<div class="tp-facts">{facts}</div>{notes}</div>'
+    )
+
+
+def _show_result(result_json: str) -> tuple[str | None, str]:
+    """Turn generate_video's JSON into the video player's path and the cost card."""
+    result = json.loads(result_json)
+    return result["video_path"], cost_html(result)
+
+
+def _mouth_from_click(image_path: str | None, event: gr.SelectData) -> str:
+    """A click on the portrait sets the mouth override (fractions of width and height)."""
+    if not image_path or not isinstance(event.index, (list, tuple)) or len(event.index) != 2:
+        return ""
+    with Image.open(image_path) as picture:
+        width, height = picture.size
+    x, y = event.index
+    return f"{min(max(x / width, 0.0), 1.0):.3f},{min(max(y / height, 0.0), 1.0):.3f}"
+
+
+def build_demo(
+    manager: GPUResourceManager,
+    pipeline: Pipeline,
+    *,
+    output_dir: str | Path | None = None,
+    examples: list[list[str]] | None = None,
+    refresh_seconds: float = 1.5,
+) -> gr.Blocks:
+    """Build the Blocks app around one manager and one pipeline.
+
+    Args:
+        manager: owns the model's GPU-memory lifecycle.
+        pipeline: turns a portrait and a speech track into a video.
+        output_dir: where videos are written (default: ``outputs/`` in the working folder).
+            Serve it by passing it in ``allowed_paths`` when mounting.
+        examples: ``[[image, audio], ...]`` shown under the inputs (default: `example_rows()`).
+        refresh_seconds: how often the GPU panel refreshes.
+
+    Returns:
+        The Blocks; mount it with ``gr.mount_gradio_app(app, demo, path="/", mcp_server=True,
+        allowed_paths=[output_dir], **appearance())``.
+    """
+    out = Path(output_dir) if output_dir is not None else Path.cwd() / "outputs"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = example_rows() if examples is None else examples
+    generate_video = make_generate_fn(manager, pipeline, out)
+
+    with gr.Blocks(title="Talking Portrait · gpu_control") as demo:
+        register_gpu_api(manager)
+        gr.HTML(_HEADER, padding=False)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=7):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        image = gr.Image(
+                            label="Portrait",
+                            type="filepath",
+                            sources=["upload", "clipboard", "webcam"],
+                            height=300,
+                            elem_id="portrait",
+                        )
+                        audio = gr.Audio(
+                            label="Speech",
+                            type="filepath",
+                            sources=["upload", "microphone"],
+                            elem_id="speech",
+                        )
+                        generate = gr.Button(
+                            "Generate video", variant="primary", size="lg", elem_id="generate"
+                        )
+                    with gr.Column(scale=1, min_width=300):
+                        video = gr.Video(
+                            label="Talking video", height=380, autoplay=False, elem_id="result-video"
+                        )
+                        cost = gr.HTML("", elem_id="job-cost", padding=False)
+                        result_json = gr.Textbox(visible=False, elem_id="result-json")
+                with gr.Accordion("Options", open=False, elem_id="options"):
+                    with gr.Row():
+                        fps = gr.Slider(1, 60, value=25, step=1, label="Frames per second")
+                        size = gr.Slider(64, 2048, value=512, step=16, label="Size (long side, px)")
+                        seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                    with gr.Row():
+                        expressiveness = gr.Slider(0, 2, value=1.0, step=0.05, label="Expressiveness")
+                        head_motion = gr.Slider(0, 2, value=1.0, step=0.05, label="Head motion")
+                        blinks = gr.Slider(0, 3, value=1.0, step=0.1, label="Blinks")
+                    mouth = gr.Textbox(
+                        label="Mouth position (x,y)",
+                        placeholder="automatic; or click the portrait where the mouth is",
+                        info="fractions of the image width and height, e.g. 0.5,0.7; empty = detect",
+                    )
+                example_set = None
+                if rows:
+                    example_set = gr.Examples(
+                        rows,
+                        inputs=[image, audio],
+                        label="Examples: click one to generate",
+                        cache_examples=False,
+                        elem_id="examples",
+                    )
+            with gr.Column(scale=4, min_width=320):
+                gpu_panel(manager, load_func=pipeline.load, refresh_seconds=refresh_seconds)
+
+        inputs = [image, audio, fps, size, expressiveness, head_motion, blinks, seed, mouth]
+        job = {"concurrency_id": GPU_QUEUE, "concurrency_limit": 1, "show_progress_on": [video]}
+        shown = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+        generate.click(
+            generate_video, inputs=inputs, outputs=result_json, api_name="generate_video", **job
+        ).success(_show_result, inputs=result_json, outputs=[video, cost], **shown)
+        if example_set is not None:
+            example_set.load_input_event.then(
+                generate_video, inputs=inputs, outputs=result_json, api_visibility="private", **job
+            ).success(_show_result, inputs=result_json, outputs=[video, cost], **shown)
+        image.select(_mouth_from_click, inputs=image, outputs=mouth, **shown)
+        image.change(lambda: "", outputs=mouth, **shown)
+    return demo
