@@ -47,6 +47,7 @@ logger = logging.getLogger("app")
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 7860
 TITLE = "Talking Portrait"
+DEFAULT_KEEP_VIDEOS_HOURS = 24.0
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,7 @@ class AppConfig:
     pipeline: str | None
     share: bool
     output_dir: Path
+    keep_videos_s: float
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output-dir", default="outputs", help="where videos are written (default: ./outputs)"
+    )
+    parser.add_argument(
+        "--keep-videos-hours",
+        help="generated videos older than this are deleted, 0 = never (VIDEO_RETENTION_HOURS; 24)",
     )
     parser.add_argument(
         "--share", action="store_true", help="also serve through a temporary public gradio.live link"
@@ -138,6 +144,14 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             settings = settings.with_overrides(offload_after_use=False)
         if args.device is not None:
             settings = settings.with_overrides(device=validate_device("--device", args.device))
+        if args.keep_videos_hours is not None:
+            keep_hours = validate_timeout("--keep-videos-hours", args.keep_videos_hours, allow_inf=False, unit="hours")
+        elif env.get("VIDEO_RETENTION_HOURS", "").strip():
+            keep_hours = validate_timeout(
+                "VIDEO_RETENTION_HOURS", env["VIDEO_RETENTION_HOURS"], allow_inf=False, unit="hours"
+            )
+        else:
+            keep_hours = DEFAULT_KEEP_VIDEOS_HOURS
     except InvalidSetting as error:
         raise ConfigError(str(error)) from None
     host = args.host or env.get("GRADIO_SERVER_NAME", "").strip() or DEFAULT_HOST
@@ -154,6 +168,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         pipeline=args.pipeline,
         share=args.share,
         output_dir=Path(args.output_dir).resolve(),
+        keep_videos_s=keep_hours * 3600.0,
     )
 
 
@@ -164,6 +179,7 @@ def create_app(
     output_dir: str | Path = "outputs",
     examples: list[list[str]] | None = None,
     refresh_seconds: float = 1.5,
+    keep_videos_s: float = DEFAULT_KEEP_VIDEOS_HOURS * 3600.0,
 ) -> FastAPI:
     """Wire the REST endpoints, the offline docs and the Gradio UI with MCP into one app.
 
@@ -173,6 +189,7 @@ def create_app(
         output_dir: where videos are written; Gradio serves files from it.
         examples: example rows for the UI (default: the files in ``examples/``).
         refresh_seconds: how often the GPU panel refreshes.
+        keep_videos_s: generated videos older than this are deleted (0: never).
 
     Returns:
         The FastAPI app, ready for uvicorn.
@@ -194,7 +211,14 @@ def create_app(
     )
     app.include_router(make_router(manager))
     install_offline_docs(app)
-    demo = build_demo(manager, pipeline, output_dir=out, examples=examples, refresh_seconds=refresh_seconds)
+    demo = build_demo(
+        manager,
+        pipeline,
+        output_dir=out,
+        examples=examples,
+        refresh_seconds=refresh_seconds,
+        keep_videos_s=keep_videos_s,
+    )
     return gr.mount_gradio_app(
         app, demo, path="/", mcp_server=True, allowed_paths=[str(out)], ssr_mode=False, **appearance()
     )
@@ -235,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidSetting, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = create_app(manager, pipeline, output_dir=config.output_dir)
+    app = create_app(manager, pipeline, output_dir=config.output_dir, keep_videos_s=config.keep_videos_s)
     shown_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
     logger.info(
         "%s on http://%s:%d  (REST docs: /docs, MCP: /gradio_api/mcp/); pipeline %r on %s, nothing loaded yet",

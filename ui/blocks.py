@@ -22,6 +22,7 @@ from PIL import Image
 
 from gpu_control import GpuControlError, GPUResourceManager, LoadError
 from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
+from pipelines.media import prune_videos
 
 from .gpu_panel import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
 
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 GPU_QUEUE = "gpu"
+DEFAULT_KEEP_VIDEOS_S = 24 * 3600.0  # generated videos older than this are deleted
 """The concurrency id every model-touching event shares (with a limit of 1)."""
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -128,8 +130,16 @@ def _counts(manager: GPUResourceManager) -> dict[str, int]:
     return dict(manager.get_status()["counts"])
 
 
-def make_generate_fn(manager: GPUResourceManager, pipeline: Pipeline, output_dir: Path) -> Any:
-    """Build ``generate_video``, the function behind the Generate button, the API and MCP."""
+def make_generate_fn(
+    manager: GPUResourceManager,
+    pipeline: Pipeline,
+    output_dir: Path,
+    keep_videos_s: float = DEFAULT_KEEP_VIDEOS_S,
+) -> Any:
+    """Build ``generate_video``, the function behind the Generate button, the API and MCP.
+
+    Videos in ``output_dir`` older than ``keep_videos_s`` are deleted before each job (0: never).
+    """
 
     def generate_video(
         image: str | None,
@@ -172,6 +182,8 @@ def make_generate_fn(manager: GPUResourceManager, pipeline: Pipeline, output_dir
                 "Add a speech track first: upload an audio file or record one with the microphone.",
                 print_exception=False,
             )
+        if keep_videos_s > 0:
+            prune_videos(output_dir, max_age_s=keep_videos_s, pattern="talking-*.mp4")
         output_path = output_dir / f"talking-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.mp4"
         try:
             options = GenerateOptions.from_mapping(
@@ -291,6 +303,7 @@ def build_demo(
     output_dir: str | Path | None = None,
     examples: list[list[str]] | None = None,
     refresh_seconds: float = 1.5,
+    keep_videos_s: float = DEFAULT_KEEP_VIDEOS_S,
 ) -> gr.Blocks:
     """Build the Blocks app around one manager and one pipeline.
 
@@ -301,6 +314,7 @@ def build_demo(
             Serve it by passing it in ``allowed_paths`` when mounting.
         examples: ``[[image, audio], ...]`` shown under the inputs (default: `example_rows()`).
         refresh_seconds: how often the GPU panel refreshes.
+        keep_videos_s: how long generated videos (and Gradio's cached copies) are kept (0: always).
 
     Returns:
         The Blocks; mount it with ``gr.mount_gradio_app(app, demo, path="/", mcp_server=True,
@@ -309,9 +323,12 @@ def build_demo(
     out = Path(output_dir) if output_dir is not None else Path.cwd() / "outputs"
     out.mkdir(parents=True, exist_ok=True)
     rows = example_rows() if examples is None else examples
-    generate_video = make_generate_fn(manager, pipeline, out)
+    generate_video = make_generate_fn(manager, pipeline, out, keep_videos_s)
+    cache_sweep = None
+    if keep_videos_s > 0:
+        cache_sweep = (int(min(3600, max(60, keep_videos_s))), int(max(60, keep_videos_s)))
 
-    with gr.Blocks(title="Talking Portrait · gpu_control") as demo:
+    with gr.Blocks(title="Talking Portrait · gpu_control", delete_cache=cache_sweep) as demo:
         register_gpu_api(manager)
         gr.HTML(_HEADER, padding=False)
         with gr.Row(equal_height=False):

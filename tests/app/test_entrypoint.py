@@ -72,6 +72,12 @@ def test_environment_is_read_and_flags_override_it():
     )
 
 
+def test_video_retention_comes_from_the_environment_and_the_flag_overrides_it():
+    assert load_config([], {}).keep_videos_s == 24 * 3600
+    assert load_config([], {"VIDEO_RETENTION_HOURS": "2"}).keep_videos_s == 2 * 3600
+    assert load_config(["--keep-videos-hours", "0"], {"VIDEO_RETENTION_HOURS": "2"}).keep_videos_s == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "needle"),
     [
@@ -82,6 +88,8 @@ def test_environment_is_read_and_flags_override_it():
         ([], {"GPU_IDLE_TIMEOUT": "soon"}, "GPU_IDLE_TIMEOUT must be a number of seconds"),
         ([], {"GPU_OFFLOAD_AFTER_USE": "sometimes"}, "GPU_OFFLOAD_AFTER_USE must be true or false"),
         (["--device", "tpu"], {}, "--device must be 'cpu', 'cuda' or 'cuda:N'"),
+        (["--keep-videos-hours", "-2"], {}, "--keep-videos-hours must be 0 or more hours"),
+        ([], {"VIDEO_RETENTION_HOURS": "a day"}, "VIDEO_RETENTION_HOURS must be a number of hours"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_flag_or_variable(argv, env, needle):

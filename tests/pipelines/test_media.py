@@ -300,3 +300,19 @@ def test_probe_video_rejects_files_without_video(tmp_path: Path, short_speech: P
     text.write_text("hello")
     with pytest.raises(MediaError, match="not a readable video"):
         media.probe_video(text)
+
+
+def test_prune_videos_deletes_only_old_matching_files(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old = tmp_path / "talking-old.mp4"
+    new = tmp_path / "talking-new.mp4"
+    other = tmp_path / "keep-me.mp4"
+    for path in (old, new, other):
+        path.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    os.utime(other, (two_hours_ago, two_hours_ago))
+    assert media.prune_videos(tmp_path, max_age_s=3600, pattern="talking-*.mp4") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep-me.mp4", "talking-new.mp4"]
