@@ -154,6 +154,13 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             keep_hours = DEFAULT_KEEP_VIDEOS_HOURS
     except InvalidSetting as error:
         raise ConfigError(str(error)) from None
+    output_dir = Path(args.output_dir).resolve()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output-dir {args.output_dir!r} cannot be created: {error.strerror}.") from None
+    if not os.access(output_dir, os.W_OK):
+        raise ConfigError(f"--output-dir {args.output_dir!r} is not writable.")
     host = args.host or env.get("GRADIO_SERVER_NAME", "").strip() or DEFAULT_HOST
     if args.port is not None:
         port = _port(args.port, "--port")
@@ -167,7 +174,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         port=port,
         pipeline=args.pipeline,
         share=args.share,
-        output_dir=Path(args.output_dir).resolve(),
+        output_dir=output_dir,
         keep_videos_s=keep_hours * 3600.0,
     )
 

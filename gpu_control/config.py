@@ -69,7 +69,7 @@ def validate_timeout(name: str, value: Any, *, allow_inf: bool = True, unit: str
         raise InvalidSetting(f"{name} must be a number of {unit}, not {value!r}.")
     try:
         seconds = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidSetting(f"{name} must be a number of {unit}, not {value!r}.") from None
     if math.isnan(seconds):
         raise InvalidSetting(f"{name} must be a number of {unit}, not NaN.")

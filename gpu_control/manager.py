@@ -161,6 +161,7 @@ class GPUResourceManager:
         self._cond = threading.Condition(threading.Lock())
         self._location = Location.UNLOADED
         self._transition: Transition | None = None
+        self._mover: int | None = None  # thread id of the thread carrying out the transition
         self._model: Any = None
         self._weights: ModelWeights | None = None
         self._leases = 0
@@ -400,7 +401,7 @@ class GPUResourceManager:
         status["device"] = str(self.device)
         status["gpu_available"] = torch.cuda.is_available()
         status["gpu_name"] = device_name(self.device)
-        reading = self._memory_probe(self.device)
+        reading = self._read_memory()
         status["gpu_memory_allocated_gb"] = to_gb(reading.allocated)
         status["gpu_memory_reserved_gb"] = to_gb(reading.reserved)
         status["gpu_memory_free_gb"] = to_gb(reading.free)
@@ -419,6 +420,11 @@ class GPUResourceManager:
             waited_for: int | None = None
             while True:
                 if self._transition is not None:
+                    if self._mover == threading.get_ident():
+                        raise GpuControlError(
+                            f"The load function called the manager while {self._transition.value}; "
+                            "it must build and return the model without using the manager."
+                        )
                     if self._transition is Transition.LOADING:
                         waited_for = self._load_attempt
                     self._cond.wait()
@@ -439,10 +445,11 @@ class GPUResourceManager:
                 self._load_attempt += 1
             attempt = self._load_attempt
             self._transition = kind
-        if self._auto_monitor and kind is Transition.LOADING:
-            self.start_monitor()
+            self._mover = threading.get_ident()
         start = time.perf_counter()
         try:
+            if self._auto_monitor and kind is Transition.LOADING:
+                self.start_monitor()
             if kind is Transition.LOADING:
                 weights = self._load(func)
             else:
@@ -458,6 +465,7 @@ class GPUResourceManager:
             self._model = weights.model
             self._location = Location.GPU
             self._transition = None
+            self._mover = None
             self._cached_since = None
             self._last_error = None
             self._counts["loads" if kind is Transition.LOADING else "restores"] += 1
@@ -468,7 +476,7 @@ class GPUResourceManager:
         self._log(verb, reason, seconds, transfer.bytes_copied)
         self._watcher.wake()
         if not lease:
-            self._settle()
+            self._settle_quietly()
         return model
 
     def _take_locked(self, lease: bool) -> Any:
@@ -489,7 +497,7 @@ class GPUResourceManager:
         try:
             return weights.to_device()
         except torch.cuda.OutOfMemoryError:
-            free = self._memory_probe(self.device).free
+            free = self._read_memory().free
             raise OutOfMemory(str(self.device), weights.size_bytes, free) from None
 
     def _fail(self, kind: Transition, attempt: int, error: BaseException) -> None:
@@ -501,10 +509,14 @@ class GPUResourceManager:
                 self._weights = None
                 self._model = None
                 self._failed_attempt = attempt
+                self._pending.clear()
             else:
                 self._location = Location.CPU
                 self._cached_since = self._clock()
+                self._pending.discard("offload")
+                self._pending.discard("offload:after_use")
             self._transition = None
+            self._mover = None
             self._last_error = message
             self._cond.notify_all()
         if kind is Transition.LOADING:
@@ -513,6 +525,8 @@ class GPUResourceManager:
         action = "Loading" if kind is Transition.LOADING else "Restoring"
         logger.error("%s %r failed: %s", action, self.name, message)
         self._watcher.wake()
+        if kind is Transition.RESTORING:
+            self._settle_quietly()
 
     @staticmethod
     def _wrap(kind: Transition, error: BaseException) -> BaseException:
@@ -532,7 +546,7 @@ class GPUResourceManager:
                 return
             if self._offload_after_use and self._location is Location.GPU and "release" not in self._pending:
                 self._pending.add("offload:after_use")
-        self._settle()
+        self._settle_quietly()
         self._watcher.wake()
 
     def _request(self, action: str) -> ActionResult:
@@ -562,6 +576,16 @@ class GPUResourceManager:
         if done is None:
             return self._request(action)
         return ActionResult(action, Outcome.DONE, done)
+
+    def _settle_quietly(self) -> None:
+        """`_settle`, where a failed move must not hide the caller's own result or error.
+
+        The failure is logged and kept in ``last_error``.
+        """
+        try:
+            self._settle()
+        except TransferError:
+            pass
 
     def _settle(self) -> None:
         """Carry out deferred requests once no lease is held and nothing moves."""
@@ -599,6 +623,7 @@ class GPUResourceManager:
                 return None
             kind = Transition.OFFLOADING if action == "offload" else Transition.RELEASING
             self._transition = kind
+            self._mover = threading.get_ident()
             weights = self._weights
             assert weights is not None
         start = time.perf_counter()
@@ -608,14 +633,27 @@ class GPUResourceManager:
         except BaseException as error:
             with self._cond:
                 self._transition = None
+                self._mover = None
                 self._last_error = f"{type(error).__name__}: {error}"
+                if kind is Transition.RELEASING:
+                    self._model = weights.model
+                    if self._model is None:  # the engine had dropped the model: nothing usable is left
+                        self._location = Location.UNLOADED
+                        self._weights = None
+                self._pending.discard(action)
+                if action == "offload":
+                    self._pending.discard("offload:after_use")
                 self._cond.notify_all()
             logger.exception("%s %r failed; the model stays where it was", kind.value.capitalize(), self.name)
+            self._watcher.wake()
+            if not isinstance(error, Exception):
+                raise
             raise TransferError(f"{kind.value.capitalize()} failed: {error}") from error
         seconds = time.perf_counter() - start
         leak = weights.leaked_bytes()
         with self._cond:
             self._transition = None
+            self._mover = None
             if kind is Transition.OFFLOADING:
                 self._location = Location.CPU
                 self._cached_since = self._clock()
@@ -682,7 +720,7 @@ class GPUResourceManager:
                 return
             self._leak_checked_at = time.monotonic()
         weights, released = source
-        leak = weights.leaked_bytes()
+        leak = weights.leaked_bytes(collect=False)
         model_alive = released is not None and released() is not None
         if leak or model_alive:
             return
@@ -727,13 +765,11 @@ class GPUResourceManager:
                 used_at = self._last_used
             if idle_at is not None and now >= idle_at:
                 logger.info("Idle %.0f s, auto-offloading %r to the host cache", now - (used_at or now), self.name)
-                if self._move_out("offload", "idle_timeout", if_used_at=used_at) is None:
-                    return None
+                self._move_out("offload", "idle_timeout", if_used_at=used_at)
                 continue
             if release_at is not None and now >= release_at:
                 logger.info("Cached %.0f s, auto-releasing %r", self._release_timeout, self.name)
-                if self._move_out("release", "release_timeout") is None:
-                    return None
+                self._move_out("release", "release_timeout")
                 continue
             deadlines = [d for d in (idle_at, release_at) if d is not None]
             return min(deadlines) if deadlines else None
@@ -758,7 +794,7 @@ class GPUResourceManager:
         }
 
     def _log(self, verb: str, reason: str, seconds: float, bytes_copied: int) -> None:
-        reading = self._memory_probe(self.device)
+        reading = self._read_memory()
         logger.info(
             "%s %r in %.2f s (reason: %s, %s copied, device %s); GPU memory: allocated %.2f GB, reserved %.2f GB",
             verb,
@@ -770,6 +806,15 @@ class GPUResourceManager:
             to_gb(reading.allocated),
             to_gb(reading.reserved),
         )
+
+
+    def _read_memory(self) -> MemoryReading:
+        """The device's memory figures; unknown (zeros/None) when the probe fails."""
+        try:
+            return self._memory_probe(self.device)
+        except Exception:  # a driver or NVML error must not break a move or a status read
+            logger.warning("Reading the memory of %s failed", self.device, exc_info=True)
+            return MemoryReading()
 
 
 def _weak(obj: Any) -> weakref.ref[Any] | None:

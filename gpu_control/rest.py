@@ -218,7 +218,7 @@ async def _read_fields(request: Request) -> dict[str, Any]:
         raw = await request.body()
         try:
             body = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _BadRequest('The body is not valid JSON; send e.g. {"timeout": 300}.') from None
         if not isinstance(body, dict):
             raise _BadRequest('The JSON body must be an object, e.g. {"timeout": 300}.')

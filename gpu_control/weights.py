@@ -699,15 +699,20 @@ class ModelWeights:
 
     # ------------------------------------------------------------------ checks
 
-    def leaked_bytes(self) -> int:
+    def leaked_bytes(self, *, collect: bool = True) -> int:
         """Device bytes of this model still referenced outside the engine.
 
         Counts the device buffers that earlier offloads and releases dropped but that are
-        still alive (a garbage collection is run first when any is). 0 in zero-copy mode.
+        still alive. 0 in zero-copy mode.
+
+        Args:
+            collect: run a garbage collection first when any is alive (right after a move);
+                status reads pass False, since a full collection stalls every thread.
         """
         if not self._alive(self._retired):
             return 0
-        gc.collect()
+        if collect:
+            gc.collect()
         return self._alive(self._retired)
 
     def leaked_host_bytes(self) -> int:

@@ -90,6 +90,7 @@ def test_video_retention_comes_from_the_environment_and_the_flag_overrides_it():
         (["--device", "tpu"], {}, "--device must be 'cpu', 'cuda' or 'cuda:N'"),
         (["--keep-videos-hours", "-2"], {}, "--keep-videos-hours must be 0 or more hours"),
         ([], {"VIDEO_RETENTION_HOURS": "a day"}, "VIDEO_RETENTION_HOURS must be a number of hours"),
+        (["--output-dir", "/proc/no-such-dir"], {}, "--output-dir '/proc/no-such-dir' cannot be created"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_flag_or_variable(argv, env, needle):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gpu_control import (
+    GpuControlError,
     GPUResourceManager,
     InvalidSetting,
     LoadError,
@@ -572,3 +573,129 @@ def test_the_constructor_rejects_bad_settings(kwargs, match):
 def test_asking_for_cuda_without_it_says_so():
     with pytest.raises(InvalidSetting, match="CUDA is not available"):
         GPUResourceManager(device="cuda:0")
+
+
+# ---------------------------------------------------------------- failures around moves (review findings)
+
+
+def test_a_request_deferred_during_a_failed_load_does_not_hit_the_next_model():
+    gate = threading.Event()
+    loader = CountingLoader(fail_times=1, gate=gate)
+    manager, _ = make_manager(offload_after_use=False)
+    thread = threading.Thread(target=lambda: pytest.raises(LoadError, manager.get_model, loader))
+    thread.start()
+    assert loader.started.wait(5)
+    assert manager.force_release().outcome is Outcome.DEFERRED
+    gate.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert manager.get_status()["pending"] == []
+    manager.get_model(loader)
+    status = manager.get_status()
+    assert (status["model_location"], status["counts"]["releases"]) == ("gpu", 0)
+
+
+def test_a_release_deferred_during_a_failed_restore_is_still_carried_out():
+    manager, engine = make_manager()
+    with manager.use(CountingLoader()):
+        pass
+    engine.fail_to_device = True
+    original = engine._note
+
+    def note(what: str) -> None:
+        original(what)
+        if what == "to_device":
+            manager._pending.add("release")
+
+    engine._note = note
+    with pytest.raises(TransferError):
+        manager.get_model()
+    status = manager.get_status()
+    assert (status["model_location"], status["pending"]) == ("unloaded", [])
+
+
+def test_a_failed_release_keeps_the_model_usable():
+    manager, engine = make_manager(offload_after_use=False)
+    model = manager.get_model(CountingLoader())
+    weights = manager._weights
+
+    def broken_release():
+        raise RuntimeError("driver error")
+
+    weights.release = broken_release
+    with pytest.raises(TransferError, match="driver error"):
+        manager.force_release()
+    status = manager.get_status()
+    assert (status["model_location"], status["transition"]) == ("gpu", None)
+    assert "driver error" in status["last_error"]
+    assert manager.get_model() is model
+
+
+def test_an_interrupt_during_an_offload_is_not_turned_into_a_transfer_error():
+    manager, _ = make_manager(offload_after_use=False)
+    manager.get_model(CountingLoader())
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    manager._weights.to_host = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        manager.force_offload()
+    assert manager.get_status()["transition"] is None
+
+
+def test_a_load_function_that_uses_the_manager_fails_instead_of_deadlocking():
+    manager, _ = make_manager()
+
+    def reentrant_loader():
+        return manager.get_model()
+
+    with pytest.raises(GpuControlError, match="must build and return the model without using the manager"):
+        manager.get_model(reentrant_loader)
+    assert manager.get_status()["transition"] is None
+
+
+def test_a_watcher_that_cannot_start_does_not_leave_the_manager_loading(monkeypatch):
+    manager, _ = make_manager(auto_monitor=True)
+
+    def no_thread() -> bool:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(manager._watcher, "start", no_thread)
+    with pytest.raises(LoadError, match="can't start new thread"):
+        manager.get_model(CountingLoader())
+    status = manager.get_status()
+    assert (status["model_location"], status["transition"]) == ("unloaded", None)
+
+
+def test_a_use_between_deadline_and_offload_replans_instead_of_sleeping():
+    clock = FakeClock()
+    manager, _ = make_manager(idle_timeout=60, offload_after_use=False, clock=clock)
+    manager.get_model(CountingLoader())
+    clock.advance(60)
+    real_move_out = manager._move_out
+
+    def used_just_before(*args, **kwargs):
+        manager.get_model()
+        return real_move_out(*args, **kwargs)
+
+    manager._move_out = used_just_before
+    assert manager._due(clock()) == pytest.approx(clock() + 60)
+    assert location(manager) == "gpu"
+
+
+def test_a_failing_memory_probe_does_not_break_moves_or_status():
+    def broken_probe(device):
+        raise RuntimeError("NVML: driver not loaded")
+
+    manager, _ = make_manager(memory_probe=broken_probe)
+    with manager.use(CountingLoader()):
+        pass
+    status = manager.get_status()
+    assert (status["model_location"], status["gpu_memory_allocated_gb"]) == ("cpu", 0.0)
+
+
+def test_a_huge_number_is_an_invalid_setting_not_an_overflow():
+    manager, _ = make_manager()
+    with pytest.raises(InvalidSetting):
+        manager.update_timeout(10**400)

@@ -257,3 +257,24 @@ def test_rest_module_imports_neither_gradio_nor_pipelines():
         if isinstance(node, ast.ImportFrom) and node.module
     }
     assert not imported & {"gradio", "pipelines", "ui"}
+
+
+def test_timeout_with_a_number_too_large_for_a_float_is_a_422_not_a_500():
+    import json
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gpu_control import GPUResourceManager
+    from gpu_control.rest import make_router
+
+    app = FastAPI()
+    app.include_router(make_router(GPUResourceManager(device="cpu", auto_monitor=False)))
+    client = TestClient(app)
+    huge = client.post("/gpu/timeout", content='{"timeout": 1' + "0" * 400 + "}",
+                       headers={"Content-Type": "application/json"})
+    assert huge.status_code == 422
+    nested = client.post("/gpu/timeout", content="[" * 100_000 + "]" * 100_000,
+                         headers={"Content-Type": "application/json"})
+    assert nested.status_code == 422
+    assert json.loads(nested.text)["detail"]
