@@ -266,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidSetting, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    manager.start_monitor()
     app = create_app(manager, pipeline, output_dir=config.output_dir, keep_videos_s=config.keep_videos_s)
     shown_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
     logger.info(

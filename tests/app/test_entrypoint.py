@@ -162,6 +162,7 @@ def test_python_app_py_serves_rest_ui_and_docs_and_loads_nothing(tmp_path):
         assert status is not None and status.status_code == 200, "the app did not answer in 60 s"
         assert status.json()["model_location"] == "unloaded"
         assert status.json()["counts"]["loads"] == 0
+        assert status.json()["monitor_running"] is True
         assert httpx.get(f"{url}/").status_code == 200
         assert httpx.get(f"{url}/docs").status_code == 200
     finally:
