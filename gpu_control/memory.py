@@ -66,6 +66,8 @@ def _nvml_handle(index: int) -> Any | None:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
         return None
+    if os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID" and torch.cuda.device_count() > 1:
+        return None  # CUDA numbers the cards fastest first, NVML by PCI bus: the index may differ
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [part.strip() for part in visible.split(",") if part.strip()]

@@ -278,7 +278,8 @@ def new_host_buffer(nbytes: int) -> torch.Tensor:
     """
     memory = _HostMemory(-1, nbytes, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        memory.madvise(mmap.MADV_HUGEPAGE)
+        with contextlib.suppress(OSError):  # EINVAL: a kernel built without transparent huge pages
+            memory.madvise(mmap.MADV_HUGEPAGE)
     buffer = torch.frombuffer(memory, dtype=torch.uint8)
     memory.ptr = buffer.data_ptr()
     memory.pinned = 0
@@ -319,10 +320,24 @@ class _PinnedBudget:
 _PINNED = _PinnedBudget()
 
 
+def _usable_ram_bytes() -> int:
+    """Physical RAM, or the container's memory limit (cgroup v2 or v1) when that is lower."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            ram = min(ram, int(text))
+    return ram
+
+
 def pin_limit_bytes(environ: Mapping[str, str] | None = None) -> int:
     """How many bytes of host memory the engine may page-lock in this process.
 
-    ``GPU_PIN_LIMIT_GB`` (GiB, 0 = never pin) sets it; unset, it is half the machine's RAM.
+    ``GPU_PIN_LIMIT_GB`` (GiB, 0 = never pin) sets it; unset, it is half the machine's RAM (or of the container's memory limit).
 
     Raises:
         InvalidSetting: the variable is not a number of GiB >= 0.
@@ -330,7 +345,7 @@ def pin_limit_bytes(environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     raw = env.get(PIN_LIMIT_ENV, "").strip()
     if not raw:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        return _usable_ram_bytes() // 2
     gib = validate_timeout(PIN_LIMIT_ENV, raw, unit="GiB")
     return int(gib * _GIB) if gib != float("inf") else 2**62
 
@@ -629,7 +644,16 @@ class ModelWeights:
         except BaseException:
             if pointed:
                 self._point_to_host()
-            del dev_buckets, moved
+            # Copies already queued still read the master and write these buffers: let them end
+            # before anything is freed (a freed master is unpinned and unmapped). A sticky CUDA
+            # error would raise here again; the original error is the one to report.
+            with contextlib.suppress(Exception):
+                _synchronize(device)
+            # The traceback keeps this frame's locals alive as long as the exception lives (the
+            # manager reads free memory while handling it): drop every device reference here.
+            dev = storages = value = None
+            dev_buckets.clear()
+            moved.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
@@ -655,6 +679,9 @@ class ModelWeights:
         if not self._resident:
             return Transfer(0, time.perf_counter() - start)
         copied = copies = 0
+        # Kernels the model queued on other streams may still write or read these buffers:
+        # the copy-back runs on the current stream and freed blocks are reused at once.
+        _synchronize(self.device)
         with torch.inference_mode(False), torch.no_grad():
             copied, copies = self._copy_back()
             for fallback in self._fallbacks:
@@ -681,6 +708,7 @@ class ModelWeights:
         if self._released:
             return Transfer(0, 0.0)
         if self._resident:
+            _synchronize(self.device)  # work queued on other streams may still read the buffers
             with torch.inference_mode(False), torch.no_grad():
                 self._point_to_host()
             self._drop_device()

@@ -139,3 +139,21 @@ def test_memory_probe_on_a_cpu_device_reports_zeros_and_unknowns():
     reading = read_memory(torch.device("cpu"))
     assert (reading.allocated, reading.reserved, reading.free, reading.total) == (0, 0, None, None)
     assert device_name(torch.device("cpu")) is None
+
+
+def test_the_default_pin_budget_is_half_of_the_containers_memory_limit(monkeypatch):
+    import io
+
+    from gpu_control import weights
+
+    monkeypatch.setattr(weights.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 2**22)
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/sys/fs/cgroup/memory.max":
+            return io.StringIO(f"{8 * 2**30}\n")
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(weights, "open", fake_open, raising=False)
+    assert weights.pin_limit_bytes({}) == 4 * 2**30
+    monkeypatch.setattr(weights, "open", lambda path, *a, **k: io.StringIO("max\n"), raising=False)
+    assert weights.pin_limit_bytes({}) == 8 * 2**30
