@@ -447,18 +447,19 @@ class GPUResourceManager:
             self._transition = kind
             self._mover = threading.get_ident()
         start = time.perf_counter()
+        loaded: ModelWeights | None = None
         try:
             if self._auto_monitor and kind is Transition.LOADING:
                 self.start_monitor()
             if kind is Transition.LOADING:
-                weights = self._load(func)
+                weights = loaded = self._load(func)
             else:
                 assert self._weights is not None
                 weights = self._weights
             transfer = self._to_device(weights)
         except BaseException as error:
-            self._fail(kind, attempt, error)
-            raise self._wrap(kind, error) from error
+            self._fail(kind, attempt, error, loaded)
+            raise self._wrap(Transition.RESTORING if loaded is not None else kind, error) from error
         seconds = time.perf_counter() - start
         with self._cond:
             self._weights = weights
@@ -500,10 +501,23 @@ class GPUResourceManager:
             free = self._read_memory().free
             raise OutOfMemory(str(self.device), weights.size_bytes, free) from None
 
-    def _fail(self, kind: Transition, attempt: int, error: BaseException) -> None:
-        """Leave a consistent state after a failed load or restore."""
+    def _fail(
+        self, kind: Transition, attempt: int, error: BaseException, loaded: ModelWeights | None = None
+    ) -> None:
+        """Leave a consistent state after a failed load or restore.
+
+        ``loaded``: the load function succeeded but the first move to the device failed (e.g.
+        out of memory); the model is then kept in the host cache, so that the next use
+        restores it instead of loading it from disk again.
+        """
         message = f"{type(error).__name__}: {error}"
+        if loaded is not None and isinstance(error, Exception):
+            kind = Transition.RESTORING
         with self._cond:
+            if loaded is not None and kind is Transition.RESTORING:
+                self._weights = loaded
+                self._model = loaded.model
+                self._counts["loads"] += 1
             if kind is Transition.LOADING:
                 self._location = Location.UNLOADED
                 self._weights = None
@@ -522,7 +536,12 @@ class GPUResourceManager:
         if kind is Transition.LOADING:
             gc.collect()
             empty_cache(self.device)
-        action = "Loading" if kind is Transition.LOADING else "Restoring"
+        if kind is Transition.LOADING:
+            action = "Loading"
+        elif loaded is not None:
+            action = "Loaded into the host cache, but moving to the device of"
+        else:
+            action = "Restoring"
         logger.error("%s %r failed: %s", action, self.name, message)
         self._watcher.wake()
         if kind is Transition.RESTORING:
@@ -534,7 +553,7 @@ class GPUResourceManager:
             return error
         if kind is Transition.LOADING:
             return LoadError(f"Loading the model failed: {type(error).__name__}: {error}")
-        return TransferError(f"Restoring the model failed: {type(error).__name__}: {error}")
+        return TransferError(f"Moving the model to the device failed: {type(error).__name__}: {error}")
 
     # ------------------------------------------------------------------ internals: leases
 

@@ -699,3 +699,19 @@ def test_a_huge_number_is_an_invalid_setting_not_an_overflow():
     manager, _ = make_manager()
     with pytest.raises(InvalidSetting):
         manager.update_timeout(10**400)
+
+
+def test_a_first_move_that_fails_keeps_the_loaded_model_in_the_host_cache():
+    manager, engine = make_manager()
+    loader = CountingLoader()
+    engine.fail_to_device = True
+    with pytest.raises(TransferError, match="simulated copy failure"):
+        manager.get_model(loader)
+    status = manager.get_status()
+    assert (status["model_location"], status["transition"], status["counts"]["loads"]) == ("cpu", None, 1)
+    assert "simulated copy failure" in status["last_error"]
+    engine.fail_to_device = False
+    with manager.use(loader):
+        assert location(manager) == "gpu"
+    assert loader.calls == 1
+    assert manager.get_status()["counts"]["restores"] == 1
