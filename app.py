@@ -255,15 +255,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from pipelines import PipelineError, default_pipeline, load_pipeline
+    from pipelines import GenerateOptions, PipelineError, default_pipeline, load_pipeline
 
     try:
+        GenerateOptions()  # checks PIPELINE_MAX_AUDIO_SECONDS now rather than at the first job
         apply_visible_devices()
         pipeline = load_pipeline(config.pipeline) if config.pipeline else default_pipeline()
         manager = GPUResourceManager.from_settings(
             config.settings, load_func=pipeline.load, name=pipeline.name
         )
-    except (InvalidSetting, PipelineError) as error:
+    except (ValueError, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     manager.start_monitor()

@@ -63,9 +63,13 @@ def _default_max_audio_seconds() -> float:
     if not raw:
         return DEFAULT_MAX_AUDIO_SECONDS
     try:
-        return float(raw)
+        seconds = float(raw)
     except ValueError:
         raise ValueError(f"{MAX_AUDIO_SECONDS_ENV}={raw!r} is not a number of seconds.") from None
+    low, high = OPTION_RANGES["max_audio_seconds"]
+    if not low <= seconds <= high:
+        raise ValueError(f"{MAX_AUDIO_SECONDS_ENV}={raw!r} is out of range; use {low:g} to {high:g} seconds.")
+    return seconds
 
 
 @dataclass(frozen=True, kw_only=True)

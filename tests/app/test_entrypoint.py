@@ -116,6 +116,21 @@ def test_main_exits_2_with_one_line_and_no_traceback(argv, needle, capsys, monke
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("abc", "error: PIPELINE_MAX_AUDIO_SECONDS='abc' is not a number of seconds."),
+        ("-4", "error: PIPELINE_MAX_AUDIO_SECONDS='-4' is out of range"),
+    ],
+)
+def test_a_bad_audio_limit_stops_the_app_at_start_up(value, needle, capsys, monkeypatch):
+    monkeypatch.setenv("PIPELINE_MAX_AUDIO_SECONDS", value)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle)
+    assert err.count("\n") == 1
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_", "GRADIO_SERVER"))}
     env.update(GRADIO_ANALYTICS_ENABLED="False", **extra)
