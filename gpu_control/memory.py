@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidSetting
+
 __all__ = ["GIB", "MemoryReading", "to_gb", "read_memory", "device_name", "resolve_device", "empty_cache"]
 
 GIB = 2**30
@@ -46,13 +48,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            from .errors import InvalidSetting
-
             raise InvalidSetting(f"Device {device!r} was asked for but CUDA is not available here.")
         index = 0 if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            from .errors import InvalidSetting
-
             raise InvalidSetting(
                 f"Device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible."
             )
@@ -60,8 +58,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+@functools.lru_cache(maxsize=None)
 def _nvml_handle(index: int) -> Any | None:
-    """An NVML handle for the CUDA device ``index`` of this process, or None."""
+    """An NVML handle for the CUDA device ``index`` of this process, or None.
+
+    Cached: NVML is initialised once, not at every status read.
+    """
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
@@ -108,7 +110,13 @@ def device_name(device: torch.device) -> str | None:
         return None
     if torch.cuda.is_initialized():
         return _initialised_device_name(device)
-    handle = _nvml_handle(device.index or 0)
+    return _nvml_name(device.index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvml_name(index: int) -> str | None:
+    """The card's name from NVML (cached: it does not change)."""
+    handle = _nvml_handle(index)
     if handle is None:
         return None
     import pynvml  # type: ignore[import-not-found]
