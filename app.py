@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpu_control import GPUResourceManager, InvalidSetting, Settings
+from gpu_control import ControlAccess, GPUResourceManager, InvalidSetting, Settings
 from gpu_control.config import apply_visible_devices, validate_device, validate_timeout
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from pipelines import Pipeline
+    from pipelines.jobs import JobGate
 
 # Gradio, the pipelines and uvicorn are imported where they are used, so that --help and a
 # bad setting answer in a second instead of after the web stack has loaded.
@@ -187,6 +188,8 @@ def create_app(
     examples: list[list[str]] | None = None,
     refresh_seconds: float = 1.5,
     keep_videos_s: float = DEFAULT_KEEP_VIDEOS_HOURS * 3600.0,
+    access: ControlAccess | None = None,
+    gate: JobGate | None = None,
 ) -> FastAPI:
     """Wire the REST endpoints, the offline docs and the Gradio UI with MCP into one app.
 
@@ -197,15 +200,16 @@ def create_app(
         examples: example rows for the UI (default: the files in ``examples/``).
         refresh_seconds: how often the GPU panel refreshes.
         keep_videos_s: generated videos older than this are deleted (0: never).
+        access: who may change the GPU state (control token, same origin); None: no token.
+        gate: admits jobs and cancels them at shutdown (default: a gate of its own).
 
     Returns:
         The FastAPI app, ready for uvicorn.
     """
-    import gradio as gr
     from fastapi import FastAPI
 
     from gpu_control.rest import install_offline_docs, make_router
-    from ui import appearance, build_demo
+    from ui import appearance, build_demo, mount_demo
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +220,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.include_router(make_router(manager))
+    access = ControlAccess() if access is None else access
+    app.include_router(make_router(manager, access=access))
     install_offline_docs(app)
     demo = build_demo(
         manager,
@@ -225,8 +230,10 @@ def create_app(
         examples=examples,
         refresh_seconds=refresh_seconds,
         keep_videos_s=keep_videos_s,
+        access=access,
+        gate=gate,
     )
-    return gr.mount_gradio_app(
+    return mount_demo(
         app, demo, path="/", mcp_server=True, allowed_paths=[str(out)], ssr_mode=False, **appearance()
     )
 

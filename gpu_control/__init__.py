@@ -13,13 +13,26 @@ idle and release timeouts, and a status snapshot that never waits.
 from .checkpoint import CheckpointLoad, load_safetensors
 from .config import Settings
 from .default import get_gpu_manager, reset_gpu_manager
-from .errors import GpuControlError, InvalidSetting, LoadError, ModelInUse, OutOfMemory, TransferError
+from .errors import (
+    ControlLocked,
+    ForeignOrigin,
+    GpuControlError,
+    InvalidSetting,
+    LoadError,
+    ModelInUse,
+    OutOfMemory,
+    TransferError,
+)
 from .manager import ActionResult, GPUResourceManager, Location, Outcome, Transition
+from .security import ControlAccess, read_control_token
 from .weights import ModelWeights, Transfer, attach
 
 __all__ = [
     "ActionResult",
     "CheckpointLoad",
+    "ControlAccess",
+    "ControlLocked",
+    "ForeignOrigin",
     "GPUResourceManager",
     "GpuControlError",
     "InvalidSetting",
@@ -36,5 +49,6 @@ __all__ = [
     "attach",
     "get_gpu_manager",
     "load_safetensors",
+    "read_control_token",
     "reset_gpu_manager",
 ]

@@ -7,7 +7,9 @@ The tree::
     ├── LoadError                   the user's load_func raised; the manager stays unloaded
     ├── TransferError               moving weights between host and device failed
     │   └── OutOfMemory             the device has no room for the model
-    └── ModelInUse                  an operation that needs the model idle found a lease
+    ├── ModelInUse                  an operation that needs the model idle found a lease
+    ├── ControlLocked               a control request without the control token (401)
+    └── ForeignOrigin               a control request from another site's page (403)
 
 `http_status()` maps each of them to the HTTP status a REST layer should answer with.
 """
@@ -21,6 +23,8 @@ __all__ = [
     "TransferError",
     "OutOfMemory",
     "ModelInUse",
+    "ControlLocked",
+    "ForeignOrigin",
     "http_status",
 ]
 
@@ -60,10 +64,22 @@ class ModelInUse(GpuControlError):
     """The model is leased and the operation cannot wait for the lease to end."""
 
 
+class ControlLocked(GpuControlError):
+    """A state-changing control was asked for without the control token."""
+
+
+class ForeignOrigin(GpuControlError):
+    """A state-changing control was asked for from another site's page (a foreign ``Origin``)."""
+
+
 def http_status(error: BaseException) -> int:
     """Return the HTTP status code that a REST layer should answer for ``error``."""
     if isinstance(error, InvalidSetting):
         return 422
+    if isinstance(error, ControlLocked):
+        return 401
+    if isinstance(error, ForeignOrigin):
+        return 403
     if isinstance(error, ModelInUse):
         return 409
     if isinstance(error, OutOfMemory):

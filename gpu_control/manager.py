@@ -86,6 +86,13 @@ class ActionResult:
         return {"action": self.action, "outcome": self.outcome.value, "message": self.message}
 
 
+_KIND_NAMES = {
+    Transition.LOADING: "load",
+    Transition.RESTORING: "restore",
+    Transition.OFFLOADING: "offload",
+    Transition.RELEASING: "release",
+}
+
 _REASONS = ("request", "after_use", "idle_timeout", "release_timeout", "manual", "preheat")
 
 
@@ -179,6 +186,7 @@ class GPUResourceManager:
         self._leak_source: tuple[ModelWeights, weakref.ref[Any] | None] | None = None
         self._leak_checked_at = 0.0
         self._counts = {"loads": 0, "restores": 0, "offloads": 0, "releases": 0, "uses": 0}
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._watcher = DeadlineWatcher(self._due, clock=clock, name=f"gpu-watcher-{name}")
 
     @classmethod
@@ -302,6 +310,16 @@ class GPUResourceManager:
         self._watcher.wake()
         state = "on" if value else "off"
         return ActionResult("timeout", Outcome.DONE, f"Offload after use turned {state}.")
+
+    def add_transition_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener`` after every finished or failed transition (metrics, audit logs).
+
+        It receives ``{"kind": "load"|"restore"|"offload"|"release", "reason", "seconds",
+        "bytes_copied", "ok"}``, outside the manager's lock, in the thread that moved the
+        model; an exception it raises is logged and ignored.
+        """
+        with self._cond:
+            self._listeners.append(listener)
 
     def start_monitor(self) -> bool:
         """Start the idle watcher; returns False when it already runs."""
@@ -459,6 +477,7 @@ class GPUResourceManager:
             transfer = self._to_device(weights)
         except BaseException as error:
             self._fail(kind, attempt, error, loaded)
+            self._notify(kind, reason, time.perf_counter() - start, 0, ok=False)
             raise self._wrap(Transition.RESTORING if loaded is not None else kind, error) from error
         seconds = time.perf_counter() - start
         with self._cond:
@@ -475,6 +494,7 @@ class GPUResourceManager:
             self._cond.notify_all()
         verb = "Loaded" if kind is Transition.LOADING else "Restored"
         self._log(verb, reason, seconds, transfer.bytes_copied)
+        self._notify(kind, reason, seconds, transfer.bytes_copied, ok=True)
         self._watcher.wake()
         if not lease:
             self._settle_quietly()
@@ -664,6 +684,7 @@ class GPUResourceManager:
                     self._pending.discard("offload:after_use")
                 self._cond.notify_all()
             logger.exception("%s %r failed; the model stays where it was", kind.value.capitalize(), self.name)
+            self._notify(kind, reason, time.perf_counter() - start, 0, ok=False)
             self._watcher.wake()
             if not isinstance(error, Exception):
                 raise
@@ -691,6 +712,7 @@ class GPUResourceManager:
             self._cond.notify_all()
         verb = "Offloaded" if kind is Transition.OFFLOADING else "Released"
         self._log(verb, reason, seconds, transfer.bytes_copied)
+        self._notify(kind, reason, seconds, transfer.bytes_copied, ok=True)
         self._watcher.wake()
         self._settle()
         where = "in the host cache" if kind is Transition.OFFLOADING else "released"
@@ -798,19 +820,24 @@ class GPUResourceManager:
     def _record(self, kind: Transition, reason: str, seconds: float, bytes_copied: int) -> None:
         """Remember the last transition; caller holds the lock."""
         assert reason in _REASONS, reason
-        names = {
-            Transition.LOADING: "load",
-            Transition.RESTORING: "restore",
-            Transition.OFFLOADING: "offload",
-            Transition.RELEASING: "release",
-        }
         self._last_transition = {
-            "kind": names[kind],
+            "kind": _KIND_NAMES[kind],
             "reason": reason,
             "seconds": seconds,
             "bytes_copied": bytes_copied,
             "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+
+    def _notify(self, kind: Transition, reason: str, seconds: float, bytes_copied: int, *, ok: bool) -> None:
+        """Tell the transition listeners what happened; outside the lock."""
+        with self._cond:
+            listeners = list(self._listeners)
+        event = {"kind": _KIND_NAMES[kind], "reason": reason, "seconds": seconds, "bytes_copied": bytes_copied, "ok": ok}
+        for listener in listeners:
+            try:
+                listener(dict(event))
+            except Exception:  # a broken listener must not break a move
+                logger.warning("A transition listener of %r failed", self.name, exc_info=True)
 
     def _log(self, verb: str, reason: str, seconds: float, bytes_copied: int) -> None:
         reading = self._read_memory()

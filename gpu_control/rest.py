@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from .config import validate_bool, validate_timeout
 from .errors import GpuControlError, InvalidSetting, http_status
 from .manager import ActionResult, GPUResourceManager, Outcome
+from .security import ControlAccess
 
 __all__ = ["TIMEOUT_FIELDS", "apply_settings", "install_offline_docs", "make_router"]
 
@@ -115,7 +116,11 @@ class _BadRequest(Exception):
 
 
 def make_router(
-    manager: GPUResourceManager, *, prefix: str = "/gpu", tags: list[str] | None = None
+    manager: GPUResourceManager,
+    *,
+    prefix: str = "/gpu",
+    tags: list[str] | None = None,
+    access: ControlAccess | None = None,
 ) -> APIRouter:
     """Build the REST endpoints of one manager.
 
@@ -124,6 +129,8 @@ def make_router(
         prefix: where the ``/status``, ``/offload``, ``/release``, ``/preheat`` and ``/timeout``
             endpoints live (``/health`` is always at the root).
         tags: OpenAPI tags (default ``["gpu"]``).
+        access: who may change state (the control token and the same-origin rule); None:
+            ``ControlAccess()`` (no token, same-origin only).
 
     Returns:
         A router to pass to ``app.include_router()`` before anything is mounted at ``/``.

@@ -20,8 +20,9 @@ from urllib.parse import quote
 import gradio as gr
 from PIL import Image
 
-from gpu_control import GpuControlError, GPUResourceManager, LoadError
+from gpu_control import ControlAccess, GpuControlError, GPUResourceManager, LoadError
 from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
+from pipelines.jobs import JobGate
 from pipelines.media import prune_videos
 
 from .gpu_panel import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
@@ -304,6 +305,8 @@ def build_demo(
     examples: list[list[str]] | None = None,
     refresh_seconds: float = 1.5,
     keep_videos_s: float = DEFAULT_KEEP_VIDEOS_S,
+    access: ControlAccess | None = None,
+    gate: JobGate | None = None,
 ) -> gr.Blocks:
     """Build the Blocks app around one manager and one pipeline.
 
@@ -315,6 +318,8 @@ def build_demo(
         examples: ``[[image, audio], ...]`` shown under the inputs (default: `example_rows()`).
         refresh_seconds: how often the GPU panel refreshes.
         keep_videos_s: how long generated videos (and Gradio's cached copies) are kept (0: always).
+        access: who may change the GPU state (control token, same origin); None: no token.
+        gate: admits jobs and cancels them at shutdown (default: a gate of its own).
 
     Returns:
         The Blocks; mount it with ``gr.mount_gradio_app(app, demo, path="/", mcp_server=True,
@@ -329,7 +334,7 @@ def build_demo(
         cache_sweep = (int(min(3600, max(60, keep_videos_s))), int(max(60, keep_videos_s)))
 
     with gr.Blocks(title="Talking Portrait · gpu_control", delete_cache=cache_sweep) as demo:
-        register_gpu_api(manager)
+        register_gpu_api(manager, access=access)
         gr.HTML(_HEADER, padding=False)
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
@@ -381,7 +386,7 @@ def build_demo(
                         elem_id="examples",
                     )
             with gr.Column(scale=4, min_width=320):
-                gpu_panel(manager, load_func=pipeline.load, refresh_seconds=refresh_seconds)
+                gpu_panel(manager, load_func=pipeline.load, refresh_seconds=refresh_seconds, access=access)
 
         inputs = [image, audio, fps, size, expressiveness, head_motion, blinks, seed, mouth]
         job = {"concurrency_id": GPU_QUEUE, "concurrency_limit": 1, "show_progress_on": [video]}

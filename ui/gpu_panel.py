@@ -23,7 +23,7 @@ from typing import Any
 
 import gradio as gr
 
-from gpu_control import GpuControlError, GPUResourceManager, InvalidSetting
+from gpu_control import ControlAccess, GpuControlError, GPUResourceManager, InvalidSetting
 from gpu_control.rest import apply_settings
 
 __all__ = [
@@ -283,7 +283,7 @@ def _answer(manager: GPUResourceManager, result: Any) -> str:
     return json.dumps({**result.to_dict(), "status": manager.get_status()})
 
 
-def register_gpu_api(manager: GPUResourceManager) -> None:
+def register_gpu_api(manager: GPUResourceManager, *, access: ControlAccess | None = None) -> None:
     """Register the GPU tools as Gradio API endpoints, and so as MCP tools.
 
     The tools are ``get_gpu_status``, ``offload_gpu``, ``release_gpu`` and
@@ -293,6 +293,7 @@ def register_gpu_api(manager: GPUResourceManager) -> None:
 
     Args:
         manager: the manager the tools show and control.
+        access: who may change state (control token, same origin); None: no token.
     """
 
     def get_gpu_status() -> str:
@@ -386,6 +387,7 @@ def gpu_panel(
     *,
     load_func: Callable[[], Any] | None = None,
     refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
+    access: ControlAccess | None = None,
 ) -> GPUPanel:
     """Lay out the live GPU panel in the current Blocks context and wire its events.
 
@@ -393,6 +395,7 @@ def gpu_panel(
         manager: the manager the panel shows and controls.
         load_func: what Preheat loads (default: the manager's own load function).
         refresh_seconds: how often the panel refreshes (a ``gr.Timer``).
+        access: who may change state (control token, same origin); None: no token.
 
     Returns:
         The panel's components.

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from gpu_control import GPUResourceManager
+from gpu_control import ControlAccess, GPUResourceManager
 from pipelines import Pipeline, default_pipeline
 from ui.blocks import example_rows
 
 from .helpers import GatedPipeline, make_portrait, make_speech, serve
+
+
+CONTROL_TOKEN = "test-control-token-0123"
+"""The control token of the ``locked`` app."""
 
 
 @dataclass
@@ -63,6 +67,37 @@ def gated(gated_live: LiveApp) -> Iterator[LiveApp]:
         gated_live.pipeline.gate.set()
     gated_live.pipeline.gate = None
     _reset(gated_live.manager)
+
+
+@pytest.fixture(scope="session")
+def locked_live(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> Iterator[LiveApp]:
+    """The gated app with control locked by `CONTROL_TOKEN`."""
+    pipeline = GatedPipeline()
+    manager = GPUResourceManager(device="cpu", load_func=pipeline.load, name=pipeline.name)
+    output_dir = tmp_path_factory.mktemp("locked-outputs")
+    app = create_app(
+        manager,
+        pipeline,
+        output_dir=output_dir,
+        examples=[[str(inputs["image"]), str(inputs["audio"])]],
+        access=ControlAccess(CONTROL_TOKEN),
+    )
+    with serve(app) as url:
+        yield LiveApp(url, manager, pipeline, output_dir)
+    manager.stop_monitor()
+
+
+@pytest.fixture()
+def locked(locked_live: LiveApp) -> Iterator[LiveApp]:
+    """The locked app, reset to defaults (released, gate open) before and after each test."""
+    locked_live.pipeline.gate = None
+    locked_live.pipeline.generating.clear()
+    _reset(locked_live.manager)
+    yield locked_live
+    if locked_live.pipeline.gate is not None:
+        locked_live.pipeline.gate.set()
+    locked_live.pipeline.gate = None
+    _reset(locked_live.manager)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,195 @@
+"""Who may change a manager's state: the control token and the same-origin rule.
+
+Reads (status, health, metrics) and generation stay open; every state-changing control
+(offload, release, preheat, timeouts, offload-after-use, any per-model control) goes
+through one `ControlAccess`, whichever interface it came from (REST, the Gradio API, MCP,
+the UI's own events)::
+
+    access = ControlAccess(token=read_control_token())
+    access.authorize(request.headers)                # raises ControlLocked / ForeignOrigin
+    access.authorize(request.headers, token=typed)   # the UI's password field
+
+Nothing here imports a web framework: headers are any mapping of names to values.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ControlLocked, ForeignOrigin, InvalidSetting
+
+__all__ = [
+    "TOKEN_ENV",
+    "ControlAccess",
+    "excerpt",
+    "read_control_token",
+]
+
+TOKEN_ENV = "GPU_CONTROL_TOKEN"
+"""The environment variable holding the control token."""
+
+_MIN_TOKEN_CHARS = 8
+_MAX_TOKEN_CHARS = 4096
+_EXCERPT_CHARS = 60
+
+
+def excerpt(value: Any, limit: int = _EXCERPT_CHARS) -> str:
+    """A short, printable excerpt of a value a user sent, for error messages.
+
+    ``repr`` of the value cut to ``limit`` characters with an ellipsis and the full length,
+    so a 10 MB string is never echoed back whole.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def read_control_token(
+    environ: Mapping[str, str] | None = None, token_file: str | os.PathLike[str] | None = None
+) -> str | None:
+    """The control token: from ``token_file`` when given, else ``GPU_CONTROL_TOKEN``; None when unset.
+
+    A token file (a secret mounted by Docker or Kubernetes) holds the token on its first
+    line; surrounding whitespace is ignored.
+
+    Raises:
+        InvalidSetting: the file cannot be read or the token is empty, too short (under 8
+            characters), too long or holds whitespace inside.
+    """
+    env = os.environ if environ is None else environ
+    if token_file is not None:
+        source = "--control-token-file"
+        try:
+            text = Path(token_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise InvalidSetting(f"{source} {excerpt(str(token_file))} cannot be read: {reason}.") from None
+        token = text.strip()
+    else:
+        source = TOKEN_ENV
+        if TOKEN_ENV not in env:
+            return None
+        token = env[TOKEN_ENV].strip()
+        if not token:
+            return None
+    if not token:
+        raise InvalidSetting(f"{source} is empty; put the token on its first line.")
+    if any(char.isspace() for char in token):
+        raise InvalidSetting(f"{source} must be one word without spaces or line breaks.")
+    if not _MIN_TOKEN_CHARS <= len(token) <= _MAX_TOKEN_CHARS:
+        raise InvalidSetting(
+            f"{source} must be {_MIN_TOKEN_CHARS} to {_MAX_TOKEN_CHARS} characters long "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')."
+        )
+    return token
+
+
+def _lower_keys(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    return {str(key).lower(): str(value) for key, value in dict(headers).items()}
+
+
+def _netloc(url: str) -> str | None:
+    """``host:port`` of an absolute URL (default ports made explicit), lower case; None if not a URL."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname.lower()}:{port}"
+
+
+def _host_netlocs(headers: dict[str, str]) -> set[str]:
+    """The addresses the request was sent to: Host and any X-Forwarded-Host, with both default ports."""
+    hosts = [headers.get("host", "")]
+    hosts += [part for part in headers.get("x-forwarded-host", "").split(",")]
+    found = set()
+    for host in hosts:
+        host = host.strip()
+        if not host:
+            continue
+        for scheme in ("http", "https"):
+            netloc = _netloc(f"{scheme}://{host}")
+            if netloc:
+                found.add(netloc)
+    return found
+
+
+class ControlAccess:
+    """Decides whether a request may change state.
+
+    Args:
+        token: the control token; None leaves control open to every same-origin request.
+        allowed_origins: extra origins (``https://example.org``) allowed to send controls,
+            e.g. a separate front end; the app's own origin is always allowed.
+    """
+
+    def __init__(self, token: str | None = None, *, allowed_origins: tuple[str, ...] = ()) -> None:
+        self._token = token.encode("utf-8") if token else None
+        self._origins = {netloc for netloc in (_netloc(origin) for origin in allowed_origins) if netloc}
+
+    def __repr__(self) -> str:
+        return f"ControlAccess(locked={self.locked})"
+
+    @property
+    def locked(self) -> bool:
+        """Whether state-changing controls need the token."""
+        return self._token is not None
+
+    def origin_allowed(self, headers: Mapping[str, Any] | None) -> bool:
+        """False when the request names an ``Origin`` that is not the app's own (nor allowed)."""
+        lowered = _lower_keys(headers)
+        origin = lowered.get("origin")
+        if origin is None:
+            return True
+        netloc = _netloc(origin)
+        if netloc is None:  # "null" (sandboxed frames, file://) or garbage: never same-origin
+            return False
+        return netloc in self._origins or netloc in _host_netlocs(lowered)
+
+    def token_ok(self, headers: Mapping[str, Any] | None, token: str | None = None) -> bool:
+        """Whether the request carries the token (``Authorization: Bearer …`` or ``token``)."""
+        if self._token is None:
+            return True
+        candidates = []
+        if token:
+            candidates.append(str(token).strip())
+        authorization = _lower_keys(headers).get("authorization", "")
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            candidates.append(credentials.strip())
+        ok = False
+        for candidate in candidates:
+            ok |= hmac.compare_digest(candidate.encode("utf-8"), self._token)
+        return ok
+
+    def authorize(self, headers: Mapping[str, Any] | None, *, token: str | None = None) -> None:
+        """Allow a state-changing request, or raise saying why not.
+
+        Args:
+            headers: the request's HTTP headers (any mapping; names are case-insensitive).
+            token: a token typed by the user (the UI's password field), besides the header.
+
+        Raises:
+            ForeignOrigin: the request came from another site's page (its ``Origin``).
+            ControlLocked: the app has a control token and the request did not carry it.
+        """
+        if not self.origin_allowed(headers):
+            raise ForeignOrigin(
+                "Refused: this control request came from another site's page (its Origin is not this app's)."
+            )
+        if not self.token_ok(headers, token):
+            raise ControlLocked(
+                "GPU control is locked: send the control token (Authorization: Bearer <token>, "
+                "or the token field of the GPU panel). Status and generation stay open."
+            )
