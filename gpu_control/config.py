@@ -5,16 +5,16 @@ Environment variables:
 =========================  =======  ===================================================
 ``GPU_IDLE_TIMEOUT``       60       seconds a model may sit idle on the GPU before it is
                                     offloaded to the host cache (0: as soon as idle,
-                                    ``inf``: never)
+                                    ``never``/``inf``: never; at most 30 days)
 ``GPU_RELEASE_TIMEOUT``    0        seconds a model may sit in the host cache before it is
-                                    released entirely (0: never)
+                                    released entirely (0: never; at most 30 days)
 ``GPU_OFFLOAD_AFTER_USE``  true     offload as soon as the last user is done
 ``GPU_DEVICE``             (auto)   ``cuda``, ``cuda:1`` or ``cpu``; auto picks ``cuda``
                                     when available
 ``NVIDIA_VISIBLE_DEVICES`` (unset)  outside a container, copied to ``CUDA_VISIBLE_DEVICES``
                                     when that is unset (inside one, the runtime applies it)
 ``GPU_PIN_LIMIT_GB``       (RAM/2)  GiB of host memory the transfer engine may page-lock in
-                                    this process (0: never pin)
+                                    this process (0: never pin; a finite number)
 =========================  =======  ===================================================
 """
 
@@ -28,11 +28,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InvalidSetting
+from .security import excerpt
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_RELEASE_TIMEOUT",
     "DEFAULT_OFFLOAD_AFTER_USE",
+    "MAX_TIMEOUT_S",
     "Settings",
     "validate_timeout",
     "validate_device",
@@ -44,44 +46,100 @@ logger = logging.getLogger(__name__)
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_RELEASE_TIMEOUT = 0.0
 DEFAULT_OFFLOAD_AFTER_USE = True
+MAX_TIMEOUT_S = 30 * 24 * 3600  # the longest finite timeout: 30 days, in seconds
+
+_NEVER_WORDS = frozenset({"inf", "infinity", "never"})
+_SECONDS_PER_UNIT = {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0}  # units a message shows in days
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def validate_timeout(name: str, value: Any, *, allow_inf: bool = True, unit: str = "seconds") -> float:
-    """Return ``value`` as seconds, or raise InvalidSetting naming ``name``.
+def validate_timeout(
+    name: str,
+    value: Any,
+    *,
+    allow_inf: bool = True,
+    unit: str = "seconds",
+    maximum: float = MAX_TIMEOUT_S,
+) -> float:
+    """Return ``value`` as a number of ``unit``, or raise InvalidSetting naming ``name``.
+
+    Finite values from 0 to ``maximum`` are accepted; infinity ("never") only when
+    ``allow_inf`` and only when asked for: ``math.inf`` or the text ``inf``, ``infinity``
+    or ``never`` (any case). A number too large for a float (``"1e309"``) is refused, not
+    taken as infinity.
 
     Args:
         name: what the value is called where the user set it (a parameter or variable).
-        value: a number, or a string holding one (``"inf"`` allowed when ``allow_inf``).
+        value: a number, or a string holding one.
         allow_inf: whether infinity ("never") is accepted.
-        unit: what the number counts, for the message (``seconds``, ``GiB``).
+        unit: what the number counts, for the message (``seconds``, ``hours``, ``GiB``).
+        maximum: the largest finite value, in ``unit`` (default: 30 days in seconds;
+            ``MAX_TIMEOUT_S / 3600`` for hours, ``math.inf`` for no bound).
 
     Returns:
-        The timeout in seconds, a float >= 0.
+        The value as a float >= 0: at most ``maximum``, or ``math.inf``.
 
     Raises:
-        InvalidSetting: the value is not a number, is NaN, negative, or infinite when
-            infinity is not allowed.
+        InvalidSetting: the value is missing (None), not a number, NaN, negative, over
+            ``maximum``, or infinite when infinity is not allowed; the message is one
+            sentence naming ``name`` and quoting at most an excerpt of the value.
     """
+    expected = _expected(unit, maximum, allow_inf)
+    if value is None:
+        raise InvalidSetting(f"{name} needs a value: {expected}.")
     if isinstance(value, bool):
-        raise InvalidSetting(f"{name} must be a number of {unit}, not {value!r}.")
-    try:
-        seconds = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidSetting(f"{name} must be a number of {unit}, not {value!r}.") from None
-    if math.isnan(seconds):
-        raise InvalidSetting(f"{name} must be a number of {unit}, not NaN.")
-    if seconds < 0:
-        raise InvalidSetting(f"{name} must be 0 or more {unit}, not {value!r}.")
-    if math.isinf(seconds) and not allow_inf:
-        raise InvalidSetting(f"{name} must be a finite number of {unit} (use 0 for never).")
-    return seconds
+        raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.")
+    if isinstance(value, str):
+        text = value.strip()
+        never = text.lower() in _NEVER_WORDS
+        try:
+            number = math.inf if never else float(text)
+        except ValueError:
+            raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.") from None
+    else:
+        try:
+            number = float(value)
+        except OverflowError:
+            raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.") from None
+        except (TypeError, ValueError):
+            raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.") from None
+        never = number == math.inf and value == math.inf
+    if math.isnan(number):
+        raise InvalidSetting(f"{name} must be {expected}, not NaN.")
+    if number < 0:
+        raise InvalidSetting(f"{name} must be 0 or more {unit}, not {excerpt(value)}.")
+    if not never and (number > maximum or math.isinf(number)):
+        raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.")
+    if math.isinf(number) and not allow_inf:
+        raise InvalidSetting(f"{name} must be a finite number of {unit}, not {excerpt(value)}.")
+    return number
+
+
+def _expected(unit: str, maximum: float, allow_inf: bool) -> str:
+    """What a valid value looks like, for messages: the unit, the range and 'never'."""
+    if math.isinf(maximum):
+        text = f"a number of {unit}, 0 or more" if allow_inf else f"a finite number of {unit}, 0 or more"
+    else:
+        text = f"a number of {unit} from 0 to {_plain(maximum)}"
+        days = maximum * _SECONDS_PER_UNIT.get(unit, 0.0) / 86400
+        if days >= 1 and days.is_integer():
+            text += f" ({_plain(days)} days)"
+    return f"{text} or 'never'" if allow_inf else text
+
+
+def _plain(number: float) -> str:
+    """A number as people write it: ``720``, ``2592000``, ``0.5``."""
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def validate_bool(name: str, value: Any) -> bool:
-    """Return ``value`` as a bool, accepting true/false/1/0/yes/no/on/off strings."""
+    """Return ``value`` as a bool, accepting true/false/1/0/yes/no/on/off strings.
+
+    Raises:
+        InvalidSetting: anything else; the message quotes at most an excerpt of the value.
+    """
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -89,11 +147,15 @@ def validate_bool(name: str, value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise InvalidSetting(f"{name} must be true or false, not {value!r}.")
+    raise InvalidSetting(f"{name} must be true or false, not {excerpt(value)}.")
 
 
 def validate_device(name: str, value: Any) -> str | None:
-    """Return a device string (``cpu``, ``cuda``, ``cuda:N``), None for auto, or raise."""
+    """Return a device string (``cpu``, ``cuda``, ``cuda:N``), None for auto, or raise.
+
+    Raises:
+        InvalidSetting: not a device name; the message quotes at most an excerpt of the value.
+    """
     if value is None:
         return None
     text = str(value).strip().lower()
@@ -103,7 +165,7 @@ def validate_device(name: str, value: Any) -> str | None:
         return text
     if text.startswith("cuda:") and text[5:].isdigit():
         return text
-    raise InvalidSetting(f"{name} must be 'cpu', 'cuda' or 'cuda:N', not {value!r}.")
+    raise InvalidSetting(f"{name} must be 'cpu', 'cuda' or 'cuda:N', not {excerpt(value)}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,7 +222,9 @@ class Settings:
         if env.get("GPU_DEVICE", "").strip():
             values["device"] = validate_device("GPU_DEVICE", env["GPU_DEVICE"])
         if env.get("GPU_PIN_LIMIT_GB", "").strip():
-            validate_timeout("GPU_PIN_LIMIT_GB", env["GPU_PIN_LIMIT_GB"], unit="GiB")
+            validate_timeout(
+                "GPU_PIN_LIMIT_GB", env["GPU_PIN_LIMIT_GB"], allow_inf=False, unit="GiB", maximum=math.inf
+            )
         return cls(**values)
 
 

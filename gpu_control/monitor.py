@@ -13,12 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["DeadlineWatcher", "MAX_SLEEP"]
+__all__ = ["DeadlineWatcher", "FIRST_RETRY", "MAX_RETRY", "MAX_SLEEP"]
 
 logger = logging.getLogger(__name__)
 
 MAX_SLEEP = 3600.0
 """Longest single wait; bounds the effect of a clock that jumps."""
+
+FIRST_RETRY = 1.0
+"""Seconds before the check runs again after it raised; doubled at each failure in a row."""
+
+MAX_RETRY = 60.0
+"""Longest wait between two checks that keep failing."""
 
 
 class DeadlineWatcher:
@@ -81,13 +87,16 @@ class DeadlineWatcher:
         self._wake.set()
 
     def _run(self) -> None:
+        retry = FIRST_RETRY
         while not self._stop.is_set():
             self._wake.clear()
             try:
                 deadline = self._due(self._clock())
+                retry = FIRST_RETRY
             except Exception:
-                logger.exception("The GPU watcher's check failed; retrying in 1 s")
-                deadline = self._clock() + 1.0
+                logger.exception("The GPU watcher's check failed; retrying in %g s", retry)
+                deadline = self._clock() + retry
+                retry = min(retry * 2, MAX_RETRY)
             self.next_deadline = deadline
             self.cycles += 1
             if deadline is None:

@@ -44,7 +44,10 @@ def excerpt(value: Any, limit: int = _EXCERPT_CHARS) -> str:
     ``repr`` of the value cut to ``limit`` characters with an ellipsis and the full length,
     so a 10 MB string is never echoed back whole.
     """
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int over 4300 digits has no repr
+        return "a number with thousands of digits"
     if len(text) <= limit:
         return text
     return f"{text[:limit]}… ({len(text)} characters)"

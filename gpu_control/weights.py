@@ -77,13 +77,14 @@ import concurrent.futures
 import contextlib
 import gc
 import logging
+import math
 import mmap
 import os
 import threading
 import time
 import types
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,29 +164,29 @@ def find_modules(obj: Any) -> list[nn.Module]:
     Returns:
         The modules in the order first met.
     """
+    # A loop over a stack, not a recursive closure: a closure that calls itself is a reference
+    # cycle, and it would keep ``found`` (the model) alive until a garbage collection.
     found: list[nn.Module] = []
     seen: set[int] = set()
-
-    def walk(item: Any, depth: int) -> None:
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
         if id(item) in seen or depth > _MAX_DEPTH or isinstance(item, _LEAVES):
-            return
+            continue
         seen.add(id(item))
         if isinstance(item, nn.Module):
             found.append(item)
-            return
+            continue
         if isinstance(item, Mapping):
-            children: Iterable[Any] = list(item.values())
+            children: list[Any] = list(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
             children = list(item)
         else:
             try:
                 children = list(vars(item).values())
             except TypeError:  # no instance __dict__
-                return
-        for child in children:
-            walk(child, depth + 1)
-
-    walk(obj, 0)
+                continue
+        stack.extend((child, depth + 1) for child in reversed(children))
     return found
 
 
@@ -346,8 +347,8 @@ def pin_limit_bytes(environ: Mapping[str, str] | None = None) -> int:
     raw = env.get(PIN_LIMIT_ENV, "").strip()
     if not raw:
         return _usable_ram_bytes() // 2
-    gib = validate_timeout(PIN_LIMIT_ENV, raw, unit="GiB")
-    return int(gib * _GIB) if gib != float("inf") else 2**62
+    gib = validate_timeout(PIN_LIMIT_ENV, raw, allow_inf=False, unit="GiB", maximum=math.inf)
+    return int(min(gib * _GIB, 2**62))  # any figure past the RAM means "no limit"
 
 
 def _register(ptr: int, nbytes: int, device: torch.device) -> str | None:
@@ -734,20 +735,26 @@ class ModelWeights:
         still alive. 0 in zero-copy mode.
 
         Args:
-            collect: run a garbage collection first when any is alive (right after a move);
-                status reads pass False, since a full collection stalls every thread.
+            collect: when any is alive, collect the young garbage generations first (about a
+                millisecond; what a job leaves behind is young). Never a full collection,
+                which holds the GIL for 100+ ms and stalls every thread; garbage that has
+                reached the oldest generation is counted until Python collects it.
         """
         if not self._alive(self._retired):
             return 0
         if collect:
-            gc.collect()
+            gc.collect(1)
         return self._alive(self._retired)
 
     def leaked_host_bytes(self) -> int:
-        """After ``release()``: master-copy bytes still alive because something holds them."""
+        """After ``release()``: master-copy bytes still alive because something holds them.
+
+        Like ``leaked_bytes()``, collects only the young garbage generations, and only when
+        any is alive.
+        """
         if not self._alive(self._retired_host):
             return 0
-        gc.collect()
+        gc.collect(1)
         return self._alive(self._retired_host)
 
     def where(self, tensor: torch.Tensor) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -52,6 +53,150 @@ def test_environment_variables_are_read():
 def test_a_bad_variable_fails_with_a_message_naming_it(name, value):
     with pytest.raises(InvalidSetting, match=name):
         Settings.from_env({name: value})
+
+
+SECONDS = "a number of seconds from 0 to 2592000 (30 days)"
+
+
+def test_the_longest_timeout_is_thirty_days():
+    assert config.MAX_TIMEOUT_S == 2_592_000
+    assert "MAX_TIMEOUT_S" in config.__all__
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0, 0.0),
+        ("0", 0.0),
+        (" 90.5 ", 90.5),
+        (2_592_000, 2_592_000.0),
+        ("2592000", 2_592_000.0),
+        (math.inf, math.inf),
+        ("inf", math.inf),
+        ("Infinity", math.inf),
+        (" NEVER ", math.inf),
+    ],
+)
+def test_a_timeout_from_0_to_30_days_or_never_is_accepted(value, expected):
+    assert config.validate_timeout("idle_timeout", value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [(-1, "-1"), ("-0.5", "'-0.5'"), (-1e308, "-1e+308"), ("-inf", "'-inf'"), (-math.inf, "-inf")],
+)
+def test_a_negative_timeout_is_refused_with_one_sentence(value, shown):
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("idle_timeout", value)
+    assert str(caught.value) == f"idle_timeout must be 0 or more seconds, not {shown}."
+
+
+@pytest.mark.parametrize("value", [float("nan"), "NaN", " nan "])
+def test_nan_is_refused_with_one_sentence(value):
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("idle_timeout", value)
+    assert str(caught.value) == f"idle_timeout must be {SECONDS} or 'never', not NaN."
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("abc", "'abc'"),
+        ("", "''"),
+        (True, "True"),
+        ([], "[]"),
+        (2_592_000.5, "2592000.5"),
+        (1e308, "1e+308"),
+        ("1e308", "'1e308'"),
+        ("1e309", "'1e309'"),
+        pytest.param(10**400, repr(10**400)[:60] + "… (401 characters)", id="10**400"),
+        pytest.param(10**5000, "a number with thousands of digits", id="10**5000"),
+        pytest.param(-(10**5000), "a number with thousands of digits", id="-10**5000"),
+        pytest.param("9" * 10_000_000, "'" + "9" * 59 + "… (10000002 characters)", id="10-MB-string"),
+    ],
+)
+def test_a_bad_timeout_is_refused_with_one_sentence_and_a_short_excerpt(value, shown):
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("idle_timeout", value)
+    assert str(caught.value) == f"idle_timeout must be {SECONDS} or 'never', not {shown}."
+
+
+def test_a_missing_timeout_says_a_number_is_needed():
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("release_timeout", None, allow_inf=False)
+    assert str(caught.value) == f"release_timeout needs a value: {SECONDS}."
+
+
+@pytest.mark.parametrize("value, shown", [(math.inf, "inf"), ("inf", "'inf'"), ("never", "'never'")])
+def test_never_is_refused_where_infinity_is_not_allowed(value, shown):
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("release_timeout", value, allow_inf=False)
+    assert str(caught.value) == f"release_timeout must be a finite number of seconds, not {shown}."
+
+
+def test_an_overflowing_number_is_too_large_not_never_where_never_is_not_allowed():
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("release_timeout", "1e309", allow_inf=False)
+    assert str(caught.value) == f"release_timeout must be {SECONDS}, not '1e309'."
+
+
+def test_the_maximum_follows_the_unit_so_hours_stop_at_720():
+    hours = config.MAX_TIMEOUT_S / 3600
+    in_hours = {"allow_inf": False, "unit": "hours", "maximum": hours}
+    assert config.validate_timeout("--keep-videos-hours", "720", **in_hours) == 720
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("--keep-videos-hours", 720.5, **in_hours)
+    assert str(caught.value) == (
+        "--keep-videos-hours must be a number of hours from 0 to 720 (30 days), not 720.5."
+    )
+
+
+def test_an_unbounded_size_still_refuses_overflow_and_infinity():
+    size = {"allow_inf": False, "unit": "GiB", "maximum": math.inf}
+    assert config.validate_timeout("GPU_PIN_LIMIT_GB", "1e308", **size) == 1e308
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("GPU_PIN_LIMIT_GB", "1e309", **size)
+    assert str(caught.value) == "GPU_PIN_LIMIT_GB must be a finite number of GiB, 0 or more, not '1e309'."
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_timeout("GPU_PIN_LIMIT_GB", "never", **size)
+    assert str(caught.value) == "GPU_PIN_LIMIT_GB must be a finite number of GiB, not 'never'."
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("GPU_IDLE_TIMEOUT", "1e309", f"GPU_IDLE_TIMEOUT must be {SECONDS} or 'never', not '1e309'."),
+        ("GPU_IDLE_TIMEOUT", "2592001", f"GPU_IDLE_TIMEOUT must be {SECONDS} or 'never', not '2592001'."),
+        ("GPU_RELEASE_TIMEOUT", "inf", "GPU_RELEASE_TIMEOUT must be a finite number of seconds, not 'inf'."),
+        ("GPU_RELEASE_TIMEOUT", "1e308", f"GPU_RELEASE_TIMEOUT must be {SECONDS}, not '1e308'."),
+        ("GPU_PIN_LIMIT_GB", "inf", "GPU_PIN_LIMIT_GB must be a finite number of GiB, not 'inf'."),
+    ],
+)
+def test_the_environment_is_bounded_like_every_other_interface(name, value, message):
+    with pytest.raises(InvalidSetting) as caught:
+        Settings.from_env({name: value})
+    assert str(caught.value) == message
+
+
+def test_settings_refuse_a_missing_or_unbounded_timeout_and_accept_never_for_idle():
+    with pytest.raises(InvalidSetting) as caught:
+        Settings(idle_timeout=None)
+    assert str(caught.value) == f"idle_timeout needs a value: {SECONDS} or 'never'."
+    with pytest.raises(InvalidSetting) as caught:
+        Settings().with_overrides(release_timeout=1e308)
+    assert str(caught.value) == f"release_timeout must be {SECONDS}, not 1e+308."
+    assert Settings(idle_timeout="never", release_timeout=2_592_000).idle_timeout == math.inf
+
+
+def test_bool_and_device_messages_quote_only_an_excerpt():
+    huge = "y" * 1_000_000
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_bool("offload_after_use", huge)
+    shown = f"'{'y' * 59}… (1000002 characters)"
+    assert str(caught.value) == f"offload_after_use must be true or false, not {shown}."
+    with pytest.raises(InvalidSetting) as caught:
+        config.validate_device("GPU_DEVICE", huge)
+    assert str(caught.value) == f"GPU_DEVICE must be 'cpu', 'cuda' or 'cuda:N', not {shown}."
 
 
 def test_overrides_are_validated_and_none_keeps_the_environment():

@@ -265,7 +265,6 @@ def test_a_leak_report_clears_once_the_outside_reference_is_dropped():
         manager.force_release()
     assert manager.get_status()["leak"] is not None
     del model
-    manager._leak_checked_at = 0.0
     assert manager.get_status()["leak"] is None
 
 
@@ -605,7 +604,7 @@ def test_a_release_deferred_during_a_failed_restore_is_still_carried_out():
     def note(what: str) -> None:
         original(what)
         if what == "to_device":
-            manager._pending.add("release")
+            manager._state.pending.add("release")
 
     engine._note = note
     with pytest.raises(TransferError):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from gpu_control.monitor import DeadlineWatcher
+from gpu_control.monitor import MAX_RETRY, MAX_SLEEP, DeadlineWatcher
+
+from .helpers import FakeClock
+from .sync import SleepSpy
 
 
 def test_the_watcher_calls_back_at_the_deadline_not_on_a_fixed_interval():
@@ -73,6 +76,34 @@ def test_a_failing_callback_is_logged_and_retried(caplog):
     finally:
         watcher.stop()
     assert "watcher's check failed" in caplog.text
+
+
+def test_a_callback_that_keeps_failing_is_retried_less_and_less_often(caplog):
+    clock = FakeClock()
+    failures = 8
+
+    def due(now: float) -> float | None:
+        nonlocal failures
+        if failures > 0:
+            failures -= 1
+            raise RuntimeError("probe failed")
+        return None
+
+    watcher = DeadlineWatcher(due, clock=clock)
+    spy = SleepSpy()
+    watcher._wake = spy
+    planned: list[float | None] = []
+    watcher.start()
+    try:
+        for _ in range(9):
+            assert spy.asleep.wait(5), "the watcher never went to sleep"
+            planned.append(spy.timeouts[-1])
+            spy.asleep.clear()
+            watcher.wake()  # stands in for the seconds it would sleep
+    finally:
+        watcher.stop()
+    assert planned == [1, 2, 4, 8, 16, 32, MAX_RETRY, MAX_RETRY, MAX_SLEEP]
+    assert "retrying in 32 s" in caplog.text
 
 
 def test_start_and_stop_are_idempotent():
