@@ -1,8 +1,9 @@
 """REST endpoints for one manager, for any FastAPI app; and Swagger UI served offline.
 
     app = FastAPI(docs_url=None, redoc_url=None)
-    app.include_router(make_router(manager))
+    app.include_router(make_router(manager, access=ControlAccess(token)))
     install_offline_docs(app)
+    install_method_guard(app)      # 405 + Allow even when something is mounted at "/"
 
 =========================  ==========================================================
 ``GET  /gpu/status``       the status snapshot (DESIGN.md's schema); never waits
@@ -14,31 +15,61 @@
 ``GET  /health``           liveness: answers at once, loads nothing
 =========================  ==========================================================
 
-A value that cannot be used answers 422 with a sentence saying what to send instead.
+Reads are open. Every ``POST`` changes state and goes through ``access.authorize()`` before
+anything else: 403 when the request comes from another site's page (a foreign ``Origin``,
+with or without a token), 401 (``WWW-Authenticate: Bearer``) when the app has a control
+token and the request has no ``Authorization: Bearer <token>``. A value that cannot be used
+answers 422 with a sentence saying what to send instead (quoting at most a short excerpt of
+it); a body over `MAX_BODY_BYTES` answers 413.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Security
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import validate_bool, validate_timeout
-from .errors import GpuControlError, InvalidSetting, http_status
+from .config import MAX_TIMEOUT_S, validate_bool, validate_timeout
+from .errors import ControlLocked, ForeignOrigin, GpuControlError, InvalidSetting, http_status
 from .manager import ActionResult, GPUResourceManager, Outcome
-from .security import ControlAccess
+from .security import ControlAccess, excerpt
 
-__all__ = ["TIMEOUT_FIELDS", "apply_settings", "install_offline_docs", "make_router"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "TIMEOUT_FIELDS",
+    "MethodGuard",
+    "apply_settings",
+    "install_method_guard",
+    "install_offline_docs",
+    "make_router",
+]
 
 TIMEOUT_FIELDS = ("timeout", "release_timeout", "offload_after_use")
 """The fields ``POST /gpu/timeout`` understands."""
 
+MAX_BODY_BYTES = 16 * 2**20
+"""The largest request body a control endpoint reads (a timeout request needs a few bytes)."""
+
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_SHOWN_NAMES = 3
+
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="controlToken",
+    description="The control token (GPU_CONTROL_TOKEN), needed for every POST when the app has one.",
+)
 
 
 class ActionAnswer(BaseModel):
@@ -85,14 +116,17 @@ _TIMEOUT_BODY = {
                     "timeout": {
                         "type": "number",
                         "minimum": 0,
+                        "maximum": MAX_TIMEOUT_S,
                         "description": "Idle seconds on the device before the model is offloaded "
-                        "(0: as soon as idle; 'inf': never).",
+                        "(0: as soon as idle; 'never' or 'inf': never; at most 30 days).",
                         "example": 300,
                     },
                     "release_timeout": {
                         "type": "number",
                         "minimum": 0,
-                        "description": "Seconds in the host cache before the model is released (0: never).",
+                        "maximum": MAX_TIMEOUT_S,
+                        "description": "Seconds in the host cache before the model is released "
+                        "(0: never; at most 30 days).",
                     },
                     "offload_after_use": {
                         "type": "boolean",
@@ -106,13 +140,27 @@ _TIMEOUT_BODY = {
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorAnswer,
+        "description": "The app has a control token and the request did not send it "
+        "(`Authorization: Bearer <token>`); the answer has `WWW-Authenticate: Bearer`",
+    },
+    403: {
+        "model": ErrorAnswer,
+        "description": "The request came from another site's page (its `Origin` is not this app's); "
+        "refused with or without a token",
+    },
     422: {"model": ErrorAnswer, "description": "A value that cannot be used"},
     503: {"model": ErrorAnswer, "description": "Moving or loading the model failed"},
 }
 
 
 class _BadRequest(Exception):
-    """A request body that cannot be used (answered with 422)."""
+    """A request body that cannot be used: answered with ``status`` and the message."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def make_router(
@@ -133,9 +181,23 @@ def make_router(
             ``ControlAccess()`` (no token, same-origin only).
 
     Returns:
-        A router to pass to ``app.include_router()`` before anything is mounted at ``/``.
+        A router to pass to ``app.include_router()`` before anything is mounted at ``/``
+        (then call `install_method_guard` so wrong methods answer 405, not the mount's 404).
     """
     router = APIRouter(tags=tags or ["gpu"])
+    authorize = _authorizer(ControlAccess() if access is None else access)
+
+    def control(path: str, summary: str, **kwargs: Any) -> Callable[[Any], Any]:
+        """Register a state-changing endpoint: POST, authorized before anything else runs."""
+        responses = {**_ERRORS, **kwargs.pop("responses", {})}
+        return router.post(
+            f"{prefix}{path}",
+            summary=summary,
+            response_model=ActionAnswer,
+            responses=responses,
+            dependencies=[Security(authorize)],
+            **kwargs,
+        )
 
     @router.get("/health", summary="Liveness: answers at once, loads nothing")
     async def health() -> dict[str, Any]:
@@ -156,49 +218,53 @@ def make_router(
     async def gpu_status() -> JSONResponse:
         return JSONResponse(manager.get_status())
 
-    @router.post(
-        f"{prefix}/offload",
-        summary="Move the model to the host cache (deferred while a job runs)",
-        response_model=ActionAnswer,
-        responses=_ERRORS,
-    )
+    @control("/offload", "Move the model to the host cache (deferred while a job runs)")
     def gpu_offload() -> JSONResponse:
         return _act(manager, manager.force_offload)
 
-    @router.post(
-        f"{prefix}/release",
-        summary="Drop the model from the device and the host cache (deferred while a job runs)",
-        response_model=ActionAnswer,
-        responses=_ERRORS,
-    )
+    @control("/release", "Drop the model from the device and the host cache (deferred while a job runs)")
     def gpu_release() -> JSONResponse:
         return _act(manager, manager.force_release)
 
-    @router.post(
-        f"{prefix}/preheat",
-        summary="Load or restore the model now and keep it on the device until the idle timeout",
-        response_model=ActionAnswer,
-        responses={**_ERRORS, 409: {"model": ErrorAnswer, "description": "No load function is known yet"}},
+    @control(
+        "/preheat",
+        "Load or restore the model now and keep it on the device until the idle timeout",
+        responses={409: {"model": ErrorAnswer, "description": "No load function is known yet"}},
     )
     def gpu_preheat() -> JSONResponse:
         return _act(manager, manager.preheat)
 
-    @router.post(
-        f"{prefix}/timeout",
-        summary="Change the idle timeout (form field `timeout`, as in `curl -F timeout=300`; JSON accepted)",
-        response_model=ActionAnswer,
-        responses=_ERRORS,
+    @control(
+        "/timeout",
+        "Change the idle timeout (form field `timeout`, as in `curl -F timeout=300`; JSON accepted)",
+        responses={413: {"model": ErrorAnswer, "description": "The body is larger than a timeout request"}},
         openapi_extra={"requestBody": _TIMEOUT_BODY},
     )
     async def gpu_timeout(request: Request) -> JSONResponse:
         try:
             fields = await _read_fields(request)
             result = _apply_timeouts(manager, fields)
-        except (_BadRequest, InvalidSetting) as error:
+        except _BadRequest as error:
+            return JSONResponse({"detail": str(error)}, status_code=error.status)
+        except InvalidSetting as error:
             return JSONResponse({"detail": str(error)}, status_code=422)
         return JSONResponse({**result.to_dict(), "status": manager.get_status()})
 
     return router
+
+
+def _authorizer(access: ControlAccess) -> Callable[..., Awaitable[None]]:
+    """A dependency that lets a request through `access` or answers 401/403 with the sentence."""
+
+    async def authorize(request: Request, _credentials: Any = Security(_BEARER)) -> None:
+        try:
+            access.authorize(request.headers)
+        except ControlLocked as error:
+            raise HTTPException(401, detail=str(error), headers={"WWW-Authenticate": "Bearer"}) from None
+        except ForeignOrigin as error:
+            raise HTTPException(403, detail=str(error)) from None
+
+    return authorize
 
 
 def _act(manager: GPUResourceManager, action: Any) -> JSONResponse:
@@ -211,26 +277,84 @@ def _act(manager: GPUResourceManager, action: Any) -> JSONResponse:
     return JSONResponse({**result.to_dict(), "status": manager.get_status()})
 
 
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused (413) past `MAX_BODY_BYTES` without reading the rest."""
+    too_large = _BadRequest(
+        f"The body is larger than {MAX_BODY_BYTES // 2**20} MiB; send only timeout, "
+        "release_timeout or offload_after_use.",
+        status=413,
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _BadRequest("The client closed the connection before the body was sent.", status=400) from None
+    return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    """An ASGI ``receive`` that hands out ``body`` once (to parse a body already read)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _read_form(request: Request, body: bytes) -> dict[str, Any]:
+    """The fields of a form body; a file upload or a form that cannot be parsed is a `_BadRequest`."""
+    fields: dict[str, Any] = {}
+    try:
+        form = await Request(request.scope, _replay(body)).form(max_part_size=MAX_BODY_BYTES)
+    except (StarletteHTTPException, MultiPartException) as error:
+        detail = getattr(error, "detail", None) or getattr(error, "message", "")
+        raise _BadRequest(f"The form cannot be read ({detail.rstrip('.')}); send e.g. timeout=300.") from None
+    try:
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                raise _BadRequest(f"Field {excerpt(key)} must be a value, not a file upload.")
+            fields[key] = value
+    finally:
+        await form.close()
+    return fields
+
+
+def _json_number(text: str) -> float | str:
+    """A JSON number as a float; one too large for a float stays text (refused, not "never")."""
+    number = float(text)
+    return text if number in (float("inf"), float("-inf")) else number
+
+
 async def _read_fields(request: Request) -> dict[str, Any]:
     """The request's fields: from a form, a JSON object, or the query string."""
     fields: dict[str, Any] = dict(request.query_params)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await _read_body(request)
     if media in _FORM_TYPES:
-        form = await request.form()
-        for key, value in form.multi_items():
-            if not isinstance(value, str):
-                raise _BadRequest(f"Field {key!r} must be a value, not a file upload.")
-            fields[key] = value
+        fields.update(await _read_form(request, body))
     elif media == "application/json" or media.endswith("+json"):
-        raw = await request.body()
         try:
-            body = json.loads(raw) if raw.strip() else {}
+            parsed = (
+                json.loads(body, parse_float=_json_number, parse_constant=str) if body.strip() else {}
+            )
         except (ValueError, RecursionError):
             raise _BadRequest('The body is not valid JSON; send e.g. {"timeout": 300}.') from None
-        if not isinstance(body, dict):
+        if not isinstance(parsed, dict):
             raise _BadRequest('The JSON body must be an object, e.g. {"timeout": 300}.')
-        fields.update(body)
-    elif (await request.body()).strip():
+        fields.update(parsed)
+    elif body.strip():
         raise _BadRequest(
             "Send the values as a form (curl -F timeout=300) or as JSON "
             '(-H "Content-Type: application/json" -d \'{"timeout": 300}\').'
@@ -238,13 +362,25 @@ async def _read_fields(request: Request) -> dict[str, Any]:
     return fields
 
 
+def _names_text(names: Iterable[str]) -> str:
+    """A few field names, each cut to an excerpt, and how many more there are."""
+    names = list(names)
+    shown = ", ".join(excerpt(name, 40) for name in names[:_SHOWN_NAMES])
+    more = len(names) - _SHOWN_NAMES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
 def _apply_timeouts(manager: GPUResourceManager, fields: dict[str, Any]) -> ActionResult:
     """Check the request's field names, then apply the values that were given."""
     unknown = sorted(set(fields) - set(TIMEOUT_FIELDS))
     if unknown:
-        names = ", ".join(repr(name) for name in unknown)
-        raise _BadRequest(f"Unknown field(s) {names}; use timeout, release_timeout or offload_after_use.")
-    given = {name: value for name, value in fields.items() if value is not None and value != ""}
+        raise _BadRequest(
+            f"Unknown field(s) {_names_text(unknown)}; use timeout, release_timeout or offload_after_use."
+        )
+    nulls = [name for name, value in fields.items() if value is None]
+    if nulls:
+        raise InvalidSetting(f"{nulls[0]} needs a value, not null; leave it out to keep it as it is.")
+    given = {name: value for name, value in fields.items() if value != ""}
     if not given:
         raise _BadRequest(
             "Give at least one of timeout, release_timeout or offload_after_use (e.g. timeout=300)."
@@ -333,3 +469,67 @@ def install_offline_docs(app: FastAPI, *, docs_url: str = "/docs", title: str | 
     @app.get(oauth_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
+
+
+def install_method_guard(app: FastAPI) -> None:
+    """Answer 405 with ``Allow`` when one of ``app``'s own routes is asked with another method.
+
+    Starlette answers 405 only when no later route matches the path; an app mounted at ``/``
+    (Gradio) matches every path, so ``GET /gpu/offload`` would fall through to the mount's
+    404. Call this once, before the app starts; it guards routes added later too.
+
+    Args:
+        app: the FastAPI (or Starlette) application whose routes to guard.
+    """
+    app.add_middleware(MethodGuard, router=app.router)
+
+
+class MethodGuard:
+    """ASGI middleware: 405 with ``Allow`` for a path of ``router`` asked with a method it lacks.
+
+    Args:
+        app: the next ASGI application.
+        router: the router whose routes (not mounts) are guarded, read at each request.
+    """
+
+    def __init__(self, app: ASGIApp, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            allowed = _allowed_methods(self.router.routes, scope)
+            if allowed:
+                path, methods = allowed
+                answer = JSONResponse(
+                    {"detail": f"{path} answers {' and '.join(methods)} only."},
+                    status_code=405,
+                    headers={"Allow": ", ".join(methods)},
+                )
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> tuple[str, list[str]] | None:
+    """The path and methods of the routes matching only by path; None when one matches fully or none does."""
+    path, methods = None, set()
+    for route in _flat_routes(routes):
+        if getattr(route, "methods", None) is None:
+            continue  # mounts, websockets and method-less routes
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return None
+        if match is Match.PARTIAL:
+            path = path or getattr(route, "path", "")
+            methods |= set(route.methods)
+    return None if path is None else (path, sorted(methods))
+
+
+def _flat_routes(routes: Iterable[BaseRoute]) -> Iterable[Any]:
+    """Every route, those of included routers too (FastAPI >= 0.130 keeps an included router whole)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI copies an included router's routes into the app's
+        return routes
+    return iter_route_contexts(list(routes))

@@ -84,11 +84,31 @@ def test_bad_timeout_requests_get_422_with_a_sentence_and_change_nothing(gated, 
     )
 
 
-def test_wrong_methods_are_client_errors_not_500(gated):
-    # Behind the Gradio mount at "/", a GET on a POST-only route falls through to Gradio's 404.
-    assert httpx.get(f"{gated.url}/gpu/offload").status_code == 404
-    assert httpx.post(f"{gated.url}/gpu/status").status_code in (404, 405)
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/gpu/offload", "POST"),
+        ("GET", "/gpu/release", "POST"),
+        ("GET", "/gpu/preheat", "POST"),
+        ("GET", "/gpu/timeout", "POST"),
+        ("PUT", "/gpu/timeout", "POST"),
+        ("DELETE", "/gpu/release", "POST"),
+        ("POST", "/gpu/status", "GET"),
+        ("POST", "/health", "GET"),
+        ("POST", "/metrics", "GET"),
+    ],
+)
+def test_wrong_methods_are_405_with_allow_though_gradio_is_mounted_at_the_root(gated, method, path, allow):
+    response = httpx.request(method, f"{gated.url}{path}")
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    assert response.json() == {"detail": f"{path} answers {allow} only."}
     assert get_status(gated.url)["model_location"] == "unloaded"
+
+
+def test_gradio_routes_are_not_touched_by_the_method_guard(gated):
+    assert httpx.get(f"{gated.url}/gradio_api/info").status_code == 200
+    assert httpx.get(f"{gated.url}/gpu/no-such-page").status_code == 404
 
 
 def test_docs_render_from_local_assets(gated):
@@ -106,3 +126,36 @@ def test_gradio_ui_is_mounted_at_the_root_next_to_rest(gated):
     assert "<html" in page.text.lower()
     config = httpx.get(f"{gated.url}/config").json()
     assert config["title"] == "Talking Portrait · gpu_control"
+
+
+def test_metrics_follow_rest_controls_with_exact_counts(gated):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        response = httpx.get(f"{gated.url}/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+        }
+
+    model = (("model", "test-portrait"),)
+    before = scrape()
+    assert httpx.post(f"{gated.url}/gpu/preheat", timeout=30).json()["outcome"] == "done"
+    assert httpx.post(f"{gated.url}/gpu/offload").json()["outcome"] == "done"
+    after = scrape()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted({**dict(model), **labels}.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("gpu_control_transitions_total", kind="load", reason="preheat") == 1.0
+    assert grew("gpu_control_transitions_total", kind="offload", reason="manual") == 1.0
+    assert grew("gpu_control_transition_seconds_count", kind="load") == 1.0
+    assert grew("gpu_control_transition_errors_total", kind="load") == 0.0
+    assert after[("gpu_control_model_location", (("location", "cpu"), *model))] == 1.0
+    assert after[("gpu_control_model_leases", model)] == 0.0
+    assert after[("gpu_control_queue_depth", ())] == 0.0
+    assert after[("gpu_control_model_host_bytes", model)] == get_status(gated.url)["cpu_cache_gb"] * 2**30

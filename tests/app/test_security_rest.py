@@ -1,0 +1,225 @@
+"""Attacks on the REST controls of the real app, over HTTP: token, foreign Origin, cross-site forms.
+
+Every refused request is checked twice: its answer (status, header, sentence) and the
+manager's state before and after (nothing moved, no setting changed).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from gpu_control import GPUResourceManager
+
+from .conftest import CONTROL_TOKEN
+
+CONTROLS: dict[str, dict[str, Any]] = {
+    "/gpu/offload": {},
+    "/gpu/release": {},
+    "/gpu/preheat": {},
+    "/gpu/timeout": {"data": {"timeout": "0", "release_timeout": "5", "offload_after_use": "false"}},
+}
+LOCKED = "GPU control is locked: send the control token (Authorization: Bearer <token>, "
+FOREIGN = "Refused: this control request came from another site's page (its Origin is not this app's)."
+EVIL = "https://evil.example"
+
+
+def state(manager: GPUResourceManager) -> tuple:
+    """What a control could change: where the model is, the settings and the move counters."""
+    status = manager.get_status()
+    return (
+        status["model_location"],
+        status["idle_timeout"],
+        status["release_timeout"],
+        status["offload_after_use"],
+        status["counts"],
+        status["pending"],
+    )
+
+
+def post(url: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}{path}", headers=headers or {}, timeout=30, **{**CONTROLS[path], **kwargs})
+
+
+@pytest.mark.parametrize("path", list(CONTROLS))
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer not-the-token-0000",
+        f"Bearer {CONTROL_TOKEN[:-1]}",
+        f"Bearer {CONTROL_TOKEN}0",
+        f"Basic {CONTROL_TOKEN}",
+        CONTROL_TOKEN,
+        "Bearer " + "A" * 8000,
+    ],
+)
+def test_locked_control_without_the_right_token_is_401_and_changes_nothing(locked, path, authorization):
+    locked.manager.preheat()
+    before = state(locked.manager)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = post(locked.url, path, headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"].startswith(LOCKED)
+    assert state(locked.manager) == before
+
+
+@pytest.mark.parametrize("path", list(CONTROLS))
+def test_locked_control_ignores_a_token_in_the_query_string_or_a_cookie(locked, path):
+    locked.manager.preheat()
+    before = state(locked.manager)
+    response = httpx.post(
+        f"{locked.url}{path}",
+        params={"token": CONTROL_TOKEN, "access_token": CONTROL_TOKEN},
+        cookies={"token": CONTROL_TOKEN},
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert state(locked.manager) == before
+
+
+def test_locked_controls_with_the_token_do_what_they_say(locked):
+    auth = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
+    preheat = post(locked.url, "/gpu/preheat", auth).json()
+    assert (preheat["outcome"], preheat["status"]["model_location"]) == ("done", "gpu")
+    assert post(locked.url, "/gpu/offload", auth).json()["status"]["model_location"] == "cpu"
+    timeout = post(locked.url, "/gpu/timeout", auth)
+    assert timeout.status_code == 200
+    manager = locked.manager
+    assert (manager.idle_timeout, manager.release_timeout, manager.offload_after_use) == (0.0, 5.0, False)
+    assert post(locked.url, "/gpu/release", auth).json()["status"]["model_location"] == "unloaded"
+
+
+def test_locked_controls_from_the_apps_own_page_with_the_token_work(locked):
+    headers = {"Authorization": f"Bearer {CONTROL_TOKEN}", "Origin": locked.url}
+    assert post(locked.url, "/gpu/preheat", headers).status_code == 200
+    assert locked.manager.get_status()["model_location"] == "gpu"
+
+
+def test_the_token_is_checked_before_a_huge_body_is_read(locked):
+    response = httpx.post(
+        f"{locked.url}/gpu/timeout",
+        content=b'{"timeout": "' + b"9" * 10_000_000 + b'"}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert locked.manager.idle_timeout == 60.0
+
+
+@pytest.mark.parametrize("app_name", ["gated", "locked"])
+@pytest.mark.parametrize("with_token", [False, True])
+@pytest.mark.parametrize(
+    "origin",
+    [EVIL, "null", "http://127.0.0.1.evil.example", "http://localhost", "file://", "javascript:alert(1)"],
+)
+@pytest.mark.parametrize("path", list(CONTROLS))
+def test_a_foreign_origin_is_403_with_or_without_a_token_and_changes_nothing(
+    request, app_name, with_token, origin, path
+):
+    live = request.getfixturevalue(app_name)
+    live.manager.preheat()
+    before = state(live.manager)
+    headers = {"Origin": origin}
+    if with_token:
+        headers["Authorization"] = f"Bearer {CONTROL_TOKEN}"
+    response = post(live.url, path, headers)
+    assert response.status_code == 403
+    assert response.json() == {"detail": FOREIGN}
+    assert state(live.manager) == before
+
+
+@pytest.mark.parametrize("app_name", ["gated", "locked"])
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"timeout=0&release_timeout=1&offload_after_use=false"),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="timeout"\r\n\r\n0\r\n--x--\r\n',
+        ),
+        ("text/plain", b"timeout=0\r\n"),
+    ],
+)
+def test_a_cross_site_browser_form_cannot_change_anything(request, app_name, content_type, body):
+    live = request.getfixturevalue(app_name)
+    live.manager.preheat()
+    before = state(live.manager)
+    browser = {
+        "Origin": EVIL,
+        "Referer": f"{EVIL}/attack.html",
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "navigate",
+        "Content-Type": content_type,
+        "Cookie": "session=whatever",
+    }
+    for path in CONTROLS:
+        response = httpx.post(f"{live.url}{path}", content=body, headers=browser, timeout=30)
+        assert response.status_code == 403, path
+    assert state(live.manager) == before
+
+
+def test_the_open_app_still_takes_same_origin_and_origin_less_controls(gated):
+    assert post(gated.url, "/gpu/preheat", {"Origin": gated.url}).status_code == 200
+    assert post(gated.url, "/gpu/offload").status_code == 200
+    assert gated.manager.get_status()["model_location"] == "cpu"
+
+
+@pytest.mark.parametrize("path", ["/gpu/status", "/health", "/metrics", "/docs", "/openapi.json"])
+def test_reads_stay_open_while_locked_even_from_another_origin(locked, path):
+    response = httpx.get(f"{locked.url}{path}", headers={"Origin": EVIL}, timeout=30)
+    assert response.status_code == 200
+
+
+def test_the_docs_offer_the_bearer_token_on_every_control(locked):
+    schema = httpx.get(f"{locked.url}/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["controlToken"]["scheme"] == "bearer"
+    for path in CONTROLS:
+        operation = schema["paths"][path]["post"]
+        assert operation["security"] == [{"controlToken": []}]
+        assert {"401", "403"} <= set(operation["responses"])
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Authorization": "Bearer \u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9".encode("latin-1")}, 401),
+        ({"Authorization": b"Bearer \xff\xfe"}, 401),
+        ({"Origin": b"https://\xff\xfe"}, 403),
+        ({"Origin": "http://[::1"}, 403),
+        ({"Origin": "http://127.0.0.1:99999"}, 403),
+        ({"Host": "", "Origin": "http://"}, 403),
+    ],
+)
+def test_odd_credentials_and_origins_are_refused_without_a_5xx(locked, headers, expected):
+    locked.manager.preheat()
+    before = state(locked.manager)
+    response = httpx.post(f"{locked.url}/gpu/offload", headers=headers, timeout=30)
+    assert response.status_code == expected
+    assert state(locked.manager) == before
+
+
+def test_a_huge_declared_body_is_413_at_once_without_waiting_for_it(locked):
+    """A client announcing 100 EB and sending nothing gets its answer at once (no read, no memory)."""
+    host, port = locked.url.removeprefix("http://").split(":")
+    request = (
+        "POST /gpu/timeout HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        f"Authorization: Bearer {CONTROL_TOKEN}\r\n"
+        "Content-Type: application/json\r\n"
+        "Content-Length: 99999999999999999999\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, "the server closed the connection without an answer"
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert locked.manager.idle_timeout == 60.0
