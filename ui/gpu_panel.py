@@ -1,21 +1,28 @@
 """The live GPU panel and the GPU tools, reusable in any Gradio Blocks app.
 
     with gr.Blocks() as demo:
-        register_gpu_api(manager)          # MCP/API tools first, before any timer
+        register_gpu_api(manager, access=access)          # MCP/API tools first, before any timer
         ...
-        gpu_panel(manager, load_func=load)  # status card, buttons, settings, gr.Timer
+        gpu_panel(manager, load_func=load, access=access)  # status card, buttons, settings, gr.Timer
 
-The panel shows one manager's `get_status()`: where the model is (a badge), device memory,
-the countdown to the automatic offload or release, counters, the last transition, the last
-error and a leak warning. Its buttons and settings are not queued behind a running job: they
-answer at once, and offload/release requested during a job answer "deferred".
+The panel shows one manager's `get_status()` (see `ui.panel_render`). Its buttons and
+settings are not queued behind a running job: they answer at once, and offload/release
+requested during a job answer "deferred"; the message line then follows the request and says
+what happened when it was carried out (or cancelled). Messages older than a minute are
+cleared.
+
+Controls go through `ControlAccess`: when the app has a control token, the panel shows a
+password field whose value is sent with each control event, and the handlers check it (with
+the request's own headers) before touching the manager, because the UI's event routes can
+be called over HTTP like any other. Reads (page load, the timer's refresh) stay open.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
-import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +30,29 @@ from typing import Any
 
 import gradio as gr
 
-from gpu_control import ControlAccess, GpuControlError, GPUResourceManager, InvalidSetting
+from gpu_control import (
+    ControlAccess,
+    ControlLocked,
+    GpuControlError,
+    GPUResourceManager,
+    InvalidSetting,
+    Outcome,
+)
+from gpu_control.config import validate_timeout
 from gpu_control.rest import apply_settings
 
+from .gpu_tools import ToolError, register_gpu_api
+from .panel_render import (
+    PANEL_CSS,
+    format_countdown,
+    format_gb,
+    format_seconds,
+    format_size,
+    render_status,
+)
+
 __all__ = [
+    "MESSAGE_TTL_S",
     "PANEL_CSS",
     "GPUPanel",
     "ToolError",
@@ -35,330 +61,117 @@ __all__ = [
     "format_seconds",
     "format_size",
     "gpu_panel",
+    "parse_timeout",
     "register_gpu_api",
     "render_status",
 ]
 
 DEFAULT_REFRESH_SECONDS = 1.5
+MESSAGE_TTL_S = 60.0
+"""Seconds a settled message stays on the panel's message line before the refresh clears it."""
+
+_MAX_MESSAGE_CHARS = 4096
+
+LOCK_NOTE = (
+    '<div class="gpc-lock gpc-lock-waiting"><b>Control is locked.</b> This server has a control '
+    "token: enter it in the Control token field to offload, release, preheat or change the "
+    "timeouts. Status stays visible to everyone.</div>"
+    '<div class="gpc-lock gpc-lock-typed"><b>Control token entered.</b> Each control checks it; '
+    "a wrong one is answered with Locked and changes nothing.</div>"
+)
+"""The lock note; CSS shows its second half once something is typed in the token field."""
+
+_DONE_WHERE = {"offload": "in the host cache", "release": "released"}
 
 
-class ToolError(gr.Error):
-    """A gr.Error whose text is the bare message (gr.Error's own quotes it), as MCP clients show it."""
-
-    def __str__(self) -> str:
-        return str(self.message)
-
-
-def format_gb(value: float | None) -> str:
-    """GiB with two decimals (``14.20 GB``); None becomes an en dash."""
-    return "–" if value is None else f"{value:.2f} GB"
-
-
-def format_size(value: float | None) -> str:
-    """A model size given in GiB: ``14.20 GB``, and MB or KB below 0.01 GB so small models show."""
-    if value is None:
-        return "–"
-    if value == 0 or value >= 0.01:
-        return format_gb(value)
-    n_bytes = value * 2**30
-    return f"{n_bytes / 2**20:.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KB"
-
-
-def format_seconds(seconds: float | None) -> str:
-    """A measured duration: ``0.31 s``, ``47 s``, ``4 min 12 s``, ``2 h 05 min``; None: never."""
-    if seconds is None or math.isinf(seconds):
-        return "never"
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    return format_countdown(seconds)
-
-
-def format_countdown(seconds: float | None) -> str:
-    """A countdown or timeout in whole seconds: ``47 s``, ``4 min 12 s``, ``2 h 05 min``; None: never."""
-    if seconds is None or math.isinf(seconds):
-        return "never"
-    if seconds < 60:
-        return f"{math.ceil(seconds - 1e-9):.0f} s"
-    if seconds < 3600:
-        minutes, rest = divmod(round(seconds), 60)
-        return f"{minutes} min {rest:02d} s"
-    hours, rest = divmod(round(seconds), 3600)
-    return f"{hours} h {rest // 60:02d} min"
-
-
-def _badge(status: dict[str, Any]) -> tuple[str, str]:
-    """The location badge: (css class, label)."""
-    device = str(status.get("device") or "")
-    on_cuda = device.startswith("cuda")
-    transition = status.get("transition")
-    if transition:
-        labels = {
-            "loading": f"Loading to {device}…",
-            "restoring": f"Restoring to {device}…",
-            "offloading": "Offloading to host RAM…",
-            "releasing": "Releasing…",
-        }
-        return "moving", labels.get(transition, f"{transition.capitalize()}…")
-    location = status.get("model_location")
-    if location == "gpu":
-        if status.get("in_use"):
-            return "gpu", (f"Working on GPU · {device}" if on_cuda else "Working on CPU")
-        return "gpu", (f"On GPU · {device}" if on_cuda else "Ready on CPU")
-    if location == "cpu":
-        return "cpu", "In host RAM (cached)"
-    return "unloaded", "Not loaded"
-
-
-def _bar(fraction: float, kind: str = "") -> str:
-    width = max(0.0, min(1.0, fraction)) * 100
-    return f'<div class="gpc-bar {kind}"><div class="gpc-fill" style="width:{width:.1f}%"></div></div>'
-
-
-def _memory_section(status: dict[str, Any]) -> str:
-    total = status.get("gpu_memory_total_gb")
-    allocated = status.get("gpu_memory_allocated_gb") or 0.0
-    reserved = status.get("gpu_memory_reserved_gb") or 0.0
-    free = status.get("gpu_memory_free_gb")
-    if not status.get("gpu_available") or not total:
-        body = (
-            '<div class="gpc-muted">No CUDA device here: the model runs on the CPU; GPU memory 0.00 GB.</div>'
-        )
-        return f'<div class="gpc-section"><div class="gpc-label">GPU memory</div>{body}</div>'
-    used = total - free if free is not None else reserved
-    return (
-        '<div class="gpc-section"><div class="gpc-label">GPU memory</div>'
-        + _bar(used / total)
-        + '<div class="gpc-row">'
-        f"<span>used <b>{format_gb(used)}</b> of {format_gb(total)}</span>"
-        f"<span>free <b>{format_gb(free)}</b></span></div>"
-        f'<div class="gpc-row gpc-muted"><span>this process: allocated {format_gb(allocated)}</span>'
-        f"<span>reserved {format_gb(reserved)}</span></div></div>"
-    )
-
-
-def _timer_section(status: dict[str, Any]) -> str:
-    location = status.get("model_location")
-    idle_timeout = status.get("idle_timeout")
-    release_timeout = status.get("release_timeout") or 0
-    lines = []
-    if status.get("in_use"):
-        jobs = status["in_use"]
-        lines.append(
-            f"<div>Running {jobs} job{'s' if jobs != 1 else ''}: timers wait for {'them' if jobs != 1 else 'it'}.</div>"
-        )
-    elif status.get("transition"):
-        lines.append("<div>Moving: timers start when the move ends.</div>")
-    elif location == "gpu":
-        offload_in = status.get("auto_offload_in")
-        if offload_in is None:
-            lines.append("<div>Auto-offload: <b>never</b> (idle timeout off)</div>")
-        else:
-            fraction = offload_in / idle_timeout if idle_timeout else 0.0
-            lines.append(
-                f"<div>Auto-offload in <b>{format_countdown(offload_in)}</b></div>"
-                + _bar(fraction, "gpc-thin")
-            )
-    elif location == "cpu":
-        release_in = status.get("auto_release_in")
-        if release_in is None:
-            lines.append("<div>Kept in host RAM until released (release timeout: never)</div>")
-        else:
-            fraction = release_in / release_timeout if release_timeout else 0.0
-            lines.append(
-                f"<div>Auto-release in <b>{format_countdown(release_in)}</b></div>"
-                + _bar(fraction, "gpc-thin")
-            )
-    else:
-        lines.append("<div>Loads on the first request (nothing is loaded until then).</div>")
-    if status.get("idle_time") and not status.get("in_use") and location != "unloaded":
-        lines.append(
-            f'<div class="gpc-muted">Idle for {format_countdown(math.floor(status["idle_time"]))}</div>'
-        )
-    after_use = (
-        "offload after each job" if status.get("offload_after_use") else "stay on the device after jobs"
-    )
-    policy = (
-        f"Policy: {after_use} · idle timeout {format_countdown(idle_timeout)} · "
-        f"release timeout {'never' if not release_timeout else format_countdown(release_timeout)}"
-    )
-    lines.append(f'<div class="gpc-muted">{policy}</div>')
-    return '<div class="gpc-section"><div class="gpc-label">Timers</div>' + "".join(lines) + "</div>"
-
-
-def _last_transition(status: dict[str, Any]) -> str:
-    last = status.get("last_transition")
-    if not last:
-        return ""
-    reasons = {
-        "request": "for a job",
-        "after_use": "after a job",
-        "idle_timeout": "idle timeout",
-        "release_timeout": "release timeout",
-        "manual": "button / API",
-        "preheat": "preheat",
-    }
-    copied = last.get("bytes_copied") or 0
-    parts = [
-        f"<b>{html.escape(str(last.get('kind', '')))}</b> ({html.escape(reasons.get(last.get('reason'), str(last.get('reason'))))})",
-        f"in <b>{format_seconds(last.get('seconds'))}</b>",
-    ]
-    if copied:
-        parts.append(f"{format_size(copied / 2**30)} copied")
-    at = str(last.get("at") or "")
-    if "T" in at:
-        parts.append(html.escape(at.split("T", 1)[1].rstrip("Z")) + " UTC")
-    return (
-        '<div class="gpc-section"><div class="gpc-label">Last transition</div><div>'
-        + " · ".join(parts)
-        + "</div></div>"
-    )
-
-
-def render_status(status: dict[str, Any]) -> str:
-    """Render a manager's status (DESIGN.md's schema) as the panel's HTML card.
+def parse_timeout(name: str, text: Any, *, never: float) -> float:
+    """A timeout typed in the panel: a number of seconds, or ``never``.
 
     Args:
-        status: what ``GPUResourceManager.get_status()`` returned.
+        name: the field's label, for messages.
+        text: what the user typed (any value an HTTP caller may send).
+        never: the value that means never for this setting (``inf`` for the idle timeout,
+            0 for the release timeout).
 
     Returns:
-        HTML; the outer element carries ``data-location`` and ``data-transition`` attributes.
+        Seconds (``never`` when the user typed never).
+
+    Raises:
+        InvalidSetting: the field is empty, not a number, or out of range (the message says
+            what to type instead).
     """
-    kind, label = _badge(status)
-    location = html.escape(str(status.get("model_location")))
-    transition = html.escape(str(status.get("transition") or ""))
-    chips = []
-    if status.get("in_use"):
-        chips.append(f'<span class="gpc-chip gpc-busy">in use · {int(status["in_use"])}</span>')
-    for pending in status.get("pending") or []:
-        name = "offload" if pending.startswith("offload") else pending
-        chips.append(f'<span class="gpc-chip gpc-pending">{html.escape(name)} pending</span>')
-    device_line = html.escape(
-        status.get("gpu_name")
-        or ("CPU · no CUDA device" if str(status.get("device")) == "cpu" else str(status.get("device")))
-    )
-    model_name = html.escape(str(status.get("name") or "model"))
+    value = "" if text is None else str(text).strip()
+    if not value:
+        raise InvalidSetting(f"{name} is empty: type a number of seconds, or never.")
+    if value.lower() == "never":
+        return never
+    return validate_timeout(name, value, allow_inf=math.isinf(never))
+
+
+def _seconds_text(value: float, *, never: float) -> str:
+    """A setting as the panel's text fields show it: ``300``, ``2.5`` or ``never``."""
+    if value == never or math.isinf(value):
+        return "never"
+    return f"{value:.10g}"
+
+
+def _error_tag(status: dict[str, Any]) -> str:
+    """A short fingerprint of the status's last error (empty when there is none)."""
+    error = status.get("last_error")
+    return hashlib.sha256(str(error).encode()).hexdigest()[:12] if error else ""
+
+
+def _message(text: str, kind: str = "", *, watch: str = "", before: dict[str, Any] | None = None) -> str:
+    """The message line: the sentence (escaped) after the UTC time it was answered.
+
+    The line also carries its own state, so that the refresh needs no session state: when it
+    was shown (``data-at``) and, for a deferred offload/release, the action and the counts and
+    error before it (to tell later what became of it).
+    """
+    body = html.escape(text)
+    if kind:
+        body = f'<span class="gpc-{kind}">{body}</span>'
+    attributes = f'data-at="{time.time():.3f}"'
+    if watch and before is not None:
+        counts = before.get("counts") or {}
+        attributes += (
+            f' data-watch="{watch}" data-counts="{int(counts.get("offloads", 0))},'
+            f'{int(counts.get("releases", 0))}" data-error="{_error_tag(before)}"'
+        )
+    stamp = time.strftime("%H:%M:%S", time.gmtime())
+    return f'<div class="gpc-note" {attributes}><span class="gpc-muted">{stamp} UTC</span> · {body}</div>'
+
+
+_NOTE = re.compile(
+    r'<div class="gpc-note" data-at="(?P<at>\d+(?:\.\d+)?)"'
+    r'(?: data-watch="(?P<action>offload|release)" data-counts="(?P<offloads>\d+),(?P<releases>\d+)"'
+    r' data-error="(?P<error>[0-9a-f]*)")?>'
+)
+
+
+def _read_note(message: Any) -> re.Match[str] | None:
+    """The state a message line carries (see `_message`); None for an empty or foreign value."""
+    if not isinstance(message, str) or len(message) > _MAX_MESSAGE_CHARS:
+        return None
+    return _NOTE.match(message)
+
+
+def _settled(note: re.Match[str], status: dict[str, Any]) -> tuple[str, str] | None:
+    """(sentence, kind) once a deferred request has ended; None while it is still waiting."""
+    action = note["action"]
+    if action in (status.get("pending") or []):
+        return None
     counts = status.get("counts") or {}
-    count_cells = "".join(
-        f'<div class="gpc-count"><b>{int(counts.get(key, 0))}</b><span>{key}</span></div>'
-        for key in ("loads", "restores", "offloads", "releases", "uses")
-    )
-    model_size = status.get("model_size_gb")
-    sizes = (
-        '<div class="gpc-row">'
-        f"<span>size <b>{format_size(model_size)}</b></span>"
-        f"<span>in host cache <b>{format_size(status.get('cpu_cache_gb'))}</b></span></div>"
-    )
-    parts = [
-        f'<div class="gpc-panel" data-location="{location}" data-transition="{transition}">',
-        '<div class="gpc-head">',
-        f'<span class="gpc-badge gpc-{kind}"><span class="gpc-dot"></span>{html.escape(label)}</span>',
-        "".join(chips),
-        "</div>",
-        f'<div class="gpc-sub">{model_name} · {device_line}</div>',
-        _memory_section(status),
-        f'<div class="gpc-section"><div class="gpc-label">Model</div>{sizes}</div>',
-        _timer_section(status),
-        f'<div class="gpc-counts">{count_cells}</div>',
-        _last_transition(status),
-    ]
-    if status.get("last_error"):
-        parts.append(
-            f'<div class="gpc-alert gpc-error"><b>Last error</b> {html.escape(str(status["last_error"]))}</div>'
-        )
-    if status.get("leak"):
-        leaked = status.get("leaked_gb")
-        amount = f" ({format_gb(leaked)})" if leaked else ""
-        parts.append(
-            f'<div class="gpc-alert gpc-warn"><b>Memory not freed{amount}</b> {html.escape(str(status["leak"]))}. '
-            "Drop other references to the model, then Release.</div>"
-        )
-    parts.append("</div>")
-    return "".join(parts)
-
-
-def _answer(manager: GPUResourceManager, result: Any) -> str:
-    """JSON text of a control action's result and the status after it."""
-    return json.dumps({**result.to_dict(), "status": manager.get_status()})
-
-
-def register_gpu_api(manager: GPUResourceManager, *, access: ControlAccess | None = None) -> None:
-    """Register the GPU tools as Gradio API endpoints, and so as MCP tools.
-
-    The tools are ``get_gpu_status``, ``offload_gpu``, ``release_gpu`` and
-    ``update_gpu_timeout``; each answers JSON text and is not queued (it answers at once,
-    also while a job runs). Call this inside a ``gr.Blocks`` context before any ``gr.Timer``
-    that calls the same functions.
-
-    Args:
-        manager: the manager the tools show and control.
-        access: who may change state (control token, same origin); None: no token.
-    """
-
-    def get_gpu_status() -> str:
-        """Report where the video model is and how much GPU memory it holds. Loads nothing.
-
-        Returns:
-            JSON text of the status: model_location ("unloaded"; "cpu" = cached in host RAM; "gpu" = on the compute device, ready), transition (a move under way or null), in_use (running jobs), idle_time and idle_timeout in seconds, auto_offload_in and auto_release_in (seconds until the automatic move, or null), device, gpu_memory_allocated_gb / reserved / free / total (GiB), model_size_gb, cpu_cache_gb, last_transition, last_error and counts of loads, restores, offloads, releases and uses.
-        """
-        return json.dumps(manager.get_status())
-
-    def offload_gpu() -> str:
-        """Move the video model from GPU memory to host RAM now, freeing the GPU; the next job restores it in seconds.
-
-        If a job is running, the offload is deferred and happens as soon as the job ends.
-
-        Returns:
-            JSON text: action, outcome ("done", "deferred" or "nothing_to_do"), a one-sentence message, and the status after the request.
-        """
-        try:
-            return _answer(manager, manager.force_offload())
-        except GpuControlError as error:
-            raise ToolError(str(error), print_exception=False) from error
-
-    def release_gpu() -> str:
-        """Drop the video model from GPU memory and host RAM entirely; the next job loads it from disk again.
-
-        If a job is running, the release is deferred and happens as soon as the job ends.
-
-        Returns:
-            JSON text: action, outcome ("done", "deferred" or "nothing_to_do"), a one-sentence message, and the status after the request.
-        """
-        try:
-            return _answer(manager, manager.force_release())
-        except GpuControlError as error:
-            raise ToolError(str(error), print_exception=False) from error
-
-    def update_gpu_timeout(
-        timeout_seconds: float,
-        release_timeout_seconds: float | None = None,
-        offload_after_use: bool | None = None,
-    ) -> str:
-        """Change how long an idle model stays on the GPU before it is moved to host RAM.
-
-        Args:
-            timeout_seconds: idle seconds on the GPU before the automatic offload (0 or more; 0 = as soon as idle).
-            release_timeout_seconds: optional; seconds cached in host RAM before the model is released entirely (0 = never).
-            offload_after_use: optional; true to offload right after every job, false to keep the model on the GPU until the idle timeout.
-
-        Returns:
-            JSON text: action, outcome, a message saying what changed, and the status after the change.
-        """
-        try:
-            result = apply_settings(
-                manager,
-                timeout=timeout_seconds,
-                release_timeout=release_timeout_seconds,
-                offload_after_use=offload_after_use,
-                names=("timeout_seconds", "release_timeout_seconds", "offload_after_use"),
-            )
-        except InvalidSetting as error:
-            raise ToolError(str(error), print_exception=False) from error
-        return _answer(manager, result)
-
-    for tool in (get_gpu_status, offload_gpu, release_gpu, update_gpu_timeout):
-        gr.api(tool, api_name=tool.__name__, queue=False)
+    last = status.get("last_transition") or {}
+    took = f" ({format_seconds(last['seconds'])})" if last.get("kind") == action and "seconds" in last else ""
+    if counts.get(f"{action}s", 0) > int(note[f"{action}s"]):
+        return f"The deferred {action} is done: the model is {_DONE_WHERE[action]}{took}.", ""
+    if action == "offload" and counts.get("releases", 0) > int(note["releases"]):
+        return "The deferred offload was overtaken by a release: the model is released.", ""
+    if status.get("last_error") and _error_tag(status) != note["error"]:
+        return f"The deferred {action} did not happen: an error came first (see Last error above).", "failed"
+    where = {"gpu": "on the device", "cpu": "in the host cache"}.get(status.get("model_location"), "released")
+    return f"The deferred {action} did not happen (cancelled, e.g. by Preheat); the model is {where}.", ""
 
 
 @dataclass
@@ -366,20 +179,16 @@ class GPUPanel:
     """The components of a GPU panel, for apps that want to wire more events to them."""
 
     status: gr.HTML
-    message: gr.Markdown
+    message: gr.HTML
+    token: gr.Textbox
     offload: gr.Button
     release: gr.Button
     preheat: gr.Button
-    idle_timeout: gr.Number
-    release_timeout: gr.Number
+    idle_timeout: gr.Textbox
+    release_timeout: gr.Textbox
     offload_after_use: gr.Checkbox
     apply: gr.Button
     timer: gr.Timer
-
-
-def _stamped(text: str) -> str:
-    """A panel message with the UTC time it was answered, so an old answer reads as old."""
-    return f"<span class='gpc-muted'>{time.strftime('%H:%M:%S', time.gmtime())} UTC</span> · {text}"
 
 
 def gpu_panel(
@@ -395,81 +204,133 @@ def gpu_panel(
         manager: the manager the panel shows and controls.
         load_func: what Preheat loads (default: the manager's own load function).
         refresh_seconds: how often the panel refreshes (a ``gr.Timer``).
-        access: who may change state (control token, same origin); None: no token.
+        access: who may change state (control token, same origin); None: ``ControlAccess()``
+            (no token, same origin only).
 
     Returns:
         The panel's components.
     """
+    control = ControlAccess() if access is None else access
 
     def current() -> str:
         return render_status(manager.get_status())
 
-    def offload() -> tuple[str, str]:
+    def refused(request: gr.Request | None, token: Any, verb: str) -> str | None:
+        """The panel's answer when this request may not change state; None when it may."""
         try:
-            text = manager.force_offload().message
+            control.authorize(getattr(request, "headers", None), token=None if token is None else str(token))
+        except ControlLocked:
+            if token:
+                return (
+                    "Locked: the control token is not right, so nothing was done; "
+                    f"check it and {verb} again."
+                )
+            return f"Locked: enter the control token in the field above to {verb}."
         except GpuControlError as error:
-            text = f"**Error:** {error}"
-        return current(), _stamped(text)
+            return str(error)
+        return None
 
-    def release() -> tuple[str, str]:
+    def move(action: str, token: Any, request: gr.Request | None) -> tuple[str, str]:
+        refusal = refused(request, token, action)
+        if refusal:
+            return current(), _message(refusal, "refused")
+        before = manager.get_status()
+        request_move = manager.force_offload if action == "offload" else manager.force_release
         try:
-            text = manager.force_release().message
+            result = request_move()
         except GpuControlError as error:
-            text = f"**Error:** {error}"
-        return current(), _stamped(text)
+            return current(), _message(str(error), "failed")
+        if result.outcome is Outcome.DEFERRED:
+            return current(), _message(result.message, watch=action, before=before)
+        return current(), _message(result.message)
 
-    def preheat() -> tuple[str, str]:
+    def offload(token: str | None, request: gr.Request) -> tuple[str, str]:
+        return move("offload", token, request)
+
+    def release(token: str | None, request: gr.Request) -> tuple[str, str]:
+        return move("release", token, request)
+
+    def preheat(token: str | None, request: gr.Request) -> tuple[str, str]:
+        refusal = refused(request, token, "preheat")
+        if refusal:
+            return current(), _message(refusal, "refused")
         status = manager.get_status()
-        if status["in_use"]:
-            return current(), _stamped("Nothing to do: a job is using the model on the device.")
-        if status["transition"] in ("loading", "restoring"):
-            return current(), _stamped(f"Nothing to do: the model is already {status['transition']}.")
+        if status["transition"] in ("loading", "restoring") and not status["pending"]:
+            text = f"Already {status['transition']}: the model will be on the device in a moment."
+            return current(), _message(text)
         try:
-            text = manager.preheat(load_func).message
+            text, kind = manager.preheat(load_func).message, ""
         except GpuControlError as error:
-            text = f"**Error:** {error}"
-        return current(), _stamped(text)
+            text, kind = str(error), "failed"
+        return current(), _message(text, kind)
 
-    def apply(idle: float | None, release_after: float | None, after_use: bool) -> tuple[str, str]:
+    def apply(
+        idle: str | None, release_after: str | None, after_use: bool, token: str | None, request: gr.Request
+    ) -> tuple[str, str]:
+        refusal = refused(request, token, "change the timeouts")
+        if refusal:
+            return current(), _message(refusal, "refused")
         try:
             result = apply_settings(
                 manager,
-                timeout=math.inf if idle is None else idle,
-                release_timeout=0 if release_after is None else release_after,
+                timeout=parse_timeout("Idle timeout", idle, never=math.inf),
+                release_timeout=parse_timeout("Release timeout", release_after, never=0.0),
                 offload_after_use=after_use,
                 names=("Idle timeout", "Release timeout", "Offload after use"),
             )
         except InvalidSetting as error:
-            raise gr.Error(f"{error} Nothing was changed.", print_exception=False) from error
-        return current(), _stamped(result.message)
+            return current(), _message(f"{error} Nothing was changed.", "failed")
+        return current(), _message(result.message)
 
-    def on_page_load() -> tuple[str, float | None, float, bool]:
-        idle = None if math.isinf(manager.idle_timeout) else manager.idle_timeout
-        return current(), idle, manager.release_timeout, manager.offload_after_use
+    def refresh(message: str | None) -> tuple[str, Any]:
+        status = manager.get_status()
+        page = render_status(status)
+        note = _read_note(message)
+        if note is None:
+            return page, ("" if message else gr.skip())
+        if note["action"]:
+            settled = _settled(note, status)
+            return page, (gr.skip() if settled is None else _message(*settled))
+        if time.time() - float(note["at"]) > MESSAGE_TTL_S:
+            return page, ""
+        return page, gr.skip()
+
+    def on_page_load() -> tuple[str, str, str, bool]:
+        idle = _seconds_text(manager.idle_timeout, never=math.inf)
+        release_after = _seconds_text(manager.release_timeout, never=0.0)
+        return current(), idle, release_after, manager.offload_after_use
 
     with gr.Column(elem_classes="gpc-card"):
         gr.HTML('<div class="gpc-title">GPU memory manager</div>', padding=False)
         status_html = gr.HTML(elem_id="gpu-status", padding=False)
+        gr.HTML(LOCK_NOTE, visible=control.locked, padding=False, elem_id="gpu-lock-note")
+        token_input = gr.Textbox(
+            label="Control token",
+            type="password",
+            placeholder="needed for the buttons and timeouts",
+            max_lines=1,
+            visible=control.locked,
+            elem_id="gpu-token",
+        )
         with gr.Row(equal_height=True):
             offload_button = gr.Button("Offload to RAM", size="sm", min_width=60, elem_id="gpu-offload")
             release_button = gr.Button(
                 "Release", size="sm", variant="stop", min_width=60, elem_id="gpu-release"
             )
             preheat_button = gr.Button("Preheat", size="sm", min_width=60, elem_id="gpu-preheat")
-        message = gr.Markdown("", elem_id="gpu-message", elem_classes="gpc-message")
+        message = gr.HTML("", padding=False, elem_id="gpu-message", elem_classes="gpc-message")
         with gr.Accordion("Timeouts", open=True, elem_id="gpu-settings"):
             with gr.Row():
-                idle_input = gr.Number(
+                idle_input = gr.Textbox(
                     label="Idle timeout (s)",
-                    info="on the GPU before offload; blank = never",
-                    minimum=0,
-                    precision=None,
+                    info="on the GPU before offload; seconds, or never",
+                    max_lines=1,
                     elem_id="gpu-idle-timeout",
                 )
-                release_input = gr.Number(
+                release_input = gr.Textbox(
                     label="Release timeout (s)",
-                    info="in host RAM before release; 0 = never",
-                    minimum=0,
+                    info="in host RAM before release; seconds, or never",
+                    max_lines=1,
                     elem_id="gpu-release-timeout",
                 )
             with gr.Row(equal_height=False):
@@ -483,17 +344,22 @@ def gpu_panel(
     timer = gr.Timer(refresh_seconds)
 
     quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    answer = [status_html, message]
     gr.on(None, on_page_load, outputs=[status_html, idle_input, release_input, after_use_input], **quick)
-    timer.tick(current, outputs=status_html, **quick)
-    offload_button.click(offload, outputs=[status_html, message], **quick)
-    release_button.click(release, outputs=[status_html, message], **quick)
-    preheat_button.click(preheat, outputs=[status_html, message], queue=False, api_visibility="private")
+    timer.tick(refresh, inputs=message, outputs=answer, **quick)
+    offload_button.click(offload, inputs=token_input, outputs=answer, **quick)
+    release_button.click(release, inputs=token_input, outputs=answer, **quick)
+    preheat_button.click(preheat, inputs=token_input, outputs=answer, queue=False, api_visibility="private")
     apply_button.click(
-        apply, inputs=[idle_input, release_input, after_use_input], outputs=[status_html, message], **quick
+        apply,
+        inputs=[idle_input, release_input, after_use_input, token_input],
+        outputs=answer,
+        **quick,
     )
     return GPUPanel(
         status=status_html,
         message=message,
+        token=token_input,
         offload=offload_button,
         release=release_button,
         preheat=preheat_button,
@@ -503,45 +369,3 @@ def gpu_panel(
         apply=apply_button,
         timer=timer,
     )
-
-
-PANEL_CSS = """
-.gpc-card { gap: 10px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary);
-  border-radius: var(--radius-xl); padding: 14px !important; box-shadow: var(--block-shadow); }
-.gpc-title { font-weight: 600; font-size: 1.05rem; padding: 2px 2px 0; }
-.gpc-panel { display: flex; flex-direction: column; gap: 10px; font-size: 0.92rem; line-height: 1.35; }
-.gpc-head { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; }
-.gpc-badge { display: inline-flex; align-items: center; gap: 7px; padding: 5px 12px; border-radius: 999px;
-  font-weight: 600; font-size: 0.95rem; border: 1px solid transparent; }
-.gpc-dot { width: 9px; height: 9px; border-radius: 50%; background: currentColor; }
-.gpc-gpu { background: rgba(22, 163, 74, 0.14); color: #15803d; border-color: rgba(22, 163, 74, 0.35); }
-.gpc-cpu { background: rgba(37, 99, 235, 0.12); color: #1d4ed8; border-color: rgba(37, 99, 235, 0.35); }
-.gpc-unloaded { background: rgba(100, 116, 139, 0.12); color: #475569; border-color: rgba(100, 116, 139, 0.35); }
-.gpc-moving { background: rgba(217, 119, 6, 0.14); color: #b45309; border-color: rgba(217, 119, 6, 0.4); }
-.gpc-moving .gpc-dot { animation: gpc-pulse 1s ease-in-out infinite; }
-@keyframes gpc-pulse { 50% { opacity: 0.25; } }
-.dark .gpc-gpu { color: #4ade80; } .dark .gpc-cpu { color: #93c5fd; }
-.dark .gpc-unloaded { color: #cbd5e1; } .dark .gpc-moving { color: #fbbf24; }
-.gpc-chip { padding: 2px 9px; border-radius: 999px; font-size: 0.8rem; font-weight: 600; }
-.gpc-busy { background: rgba(124, 58, 237, 0.14); color: #6d28d9; }
-.gpc-pending { background: rgba(217, 119, 6, 0.14); color: #b45309; }
-.gpc-sub, .gpc-muted { color: var(--body-text-color-subdued); font-size: 0.85rem; }
-.gpc-section { display: flex; flex-direction: column; gap: 4px; }
-.gpc-label { font-size: 0.72rem; text-transform: uppercase; letter-spacing: 0.06em; font-weight: 600;
-  color: var(--body-text-color-subdued); }
-.gpc-row { display: flex; justify-content: space-between; gap: 8px; flex-wrap: wrap; }
-.gpc-bar { height: 10px; border-radius: 6px; background: var(--neutral-200); overflow: hidden; }
-.dark .gpc-bar { background: var(--neutral-700); }
-.gpc-bar.gpc-thin { height: 5px; }
-.gpc-fill { height: 100%; border-radius: 6px; background: linear-gradient(90deg, #6366f1, #8b5cf6);
-  transition: width 0.6s ease; }
-.gpc-counts { display: grid; grid-template-columns: repeat(5, 1fr); gap: 6px; }
-.gpc-count { display: flex; flex-direction: column; align-items: center; padding: 6px 2px; border-radius: 8px;
-  background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
-.gpc-count b { font-size: 1.05rem; } .gpc-count span { font-size: 0.72rem; color: var(--body-text-color-subdued); }
-.gpc-alert { padding: 8px 10px; border-radius: 8px; font-size: 0.85rem; word-break: break-word; }
-.gpc-error { background: rgba(220, 38, 38, 0.1); border: 1px solid rgba(220, 38, 38, 0.35); }
-.gpc-warn { background: rgba(217, 119, 6, 0.1); border: 1px solid rgba(217, 119, 6, 0.35); }
-.gpc-message { min-height: 1.4em; font-size: 0.9rem; }
-.gpc-message p { margin: 0; }
-"""

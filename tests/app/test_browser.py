@@ -140,7 +140,7 @@ def test_page_panel_buttons_example_video_and_docs_in_chromium(browser_app, tmp_
 
             page.goto(f"{url}/docs")
             page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
-            assert page.locator(".swagger-ui .opblock").count() == 6
+            assert page.locator(".swagger-ui .opblock").count() == 7
         finally:
             browser.close()
     assert errors == []

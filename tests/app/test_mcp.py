@@ -9,28 +9,40 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from mcp import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
+from gpu_control.errors import ControlLocked
+
+from .conftest import CONTROL_TOKEN
 from .helpers import get_status, video_facts
 
 TOOLS = {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout", "generate_video"}
 
 
-def with_session(url: str, body: Callable[[ClientSession], Awaitable[Any]], *, sse: bool = False) -> Any:
-    """Open an MCP session to the app (streamable HTTP, or SSE) and run ``body`` in it."""
+def with_session(
+    url: str,
+    body: Callable[[ClientSession], Awaitable[Any]],
+    *,
+    sse: bool = False,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """Open an MCP session to the app (streamable HTTP, or SSE) with ``headers`` on every request."""
 
     async def run() -> Any:
         if sse:
             async with (
-                sse_client(f"{url}/gradio_api/mcp/sse") as (read, write),
+                sse_client(f"{url}/gradio_api/mcp/sse", headers=headers) as (read, write),
                 ClientSession(read, write) as session,
             ):
                 await session.initialize()
                 return await body(session)
         async with (
-            streamable_http_client(f"{url}/gradio_api/mcp/") as (read, write, _),
+            httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=300)) as http,
+            streamable_http_client(f"{url}/gradio_api/mcp/", http_client=http) as (read, write, _),
             ClientSession(read, write) as session,
         ):
             await session.initialize()
@@ -39,11 +51,18 @@ def with_session(url: str, body: Callable[[ClientSession], Awaitable[Any]], *, s
     return asyncio.run(run())
 
 
-def call(url: str, name: str, arguments: dict[str, Any] | None = None) -> Any:
+def call(
+    url: str,
+    name: str,
+    arguments: dict[str, Any] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    sse: bool = False,
+) -> Any:
     async def body(session: ClientSession) -> Any:
         return await session.call_tool(name, arguments or {})
 
-    return with_session(url, body)
+    return with_session(url, body, headers=headers, sse=sse)
 
 
 def data_uri(path: Path, mime: str) -> str:
@@ -73,8 +92,6 @@ def test_the_sse_transport_lists_the_same_tools(gated):
 
 
 def test_the_schema_route_describes_the_five_tools(gated):
-    import httpx
-
     schema = httpx.get(f"{gated.url}/gradio_api/mcp/schema").json()
     assert {tool["name"] for tool in schema} == TOOLS
 
@@ -140,3 +157,123 @@ def test_generate_video_from_data_uris_returns_a_downloadable_video(gated, input
     facts = video_facts(answer["video_path"])
     assert (facts["codec"], facts["frames"]) == ("h264", answer["frames"])
     assert get_status(gated.url)["model_location"] == "cpu"
+
+
+LOCKED = (
+    "GPU control is locked: send the control token (Authorization: Bearer <token>, "
+    "or the token field of the GPU panel). Status and generation stay open."
+)
+FOREIGN = "Refused: this control request came from another site's page (its Origin is not this app's)."
+CONTROL_CALLS = {
+    "offload_gpu": {},
+    "release_gpu": {},
+    "update_gpu_timeout": {"timeout_seconds": 5, "release_timeout_seconds": 7, "offload_after_use": False},
+}
+
+
+def state(live) -> tuple[Any, ...]:
+    status = live.manager.get_status()
+    manager = live.manager
+    return (status["model_location"], status["counts"], manager.idle_timeout, manager.release_timeout)
+
+
+def test_the_lock_text_is_the_errors_own():
+    assert str(ControlLocked(LOCKED)) == LOCKED
+
+
+def test_no_tool_schema_shows_the_request_parameter(locked):
+    async def body(session: ClientSession) -> Any:
+        return (await session.list_tools()).tools
+
+    for tool in with_session(locked.url, body):
+        assert "request" not in tool.inputSchema.get("properties", {}), tool.name
+    tools = {tool.name: tool for tool in with_session(locked.url, body)}
+    assert "Authorization: Bearer <token>" in tools["offload_gpu"].description
+
+
+@pytest.mark.parametrize("tool", sorted(CONTROL_CALLS))
+@pytest.mark.parametrize(
+    "headers",
+    [None, {"Authorization": "Bearer wrong-token-0000"}, {"Authorization": CONTROL_TOKEN}],
+    ids=["no-token", "wrong-token", "no-bearer-scheme"],
+)
+def test_locked_control_tools_refuse_without_the_bearer_token(locked, tool, headers):
+    locked.manager.preheat()
+    before = state(locked)
+    result = call(locked.url, tool, CONTROL_CALLS[tool], headers=headers)
+    assert result.isError
+    assert result.content[0].text == LOCKED
+    assert state(locked) == before
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["streamable-http", "sse"])
+def test_locked_control_tools_obey_the_authorization_header_of_the_mcp_request(locked, sse):
+    locked.manager.preheat()
+    token = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
+    offload = json.loads(call(locked.url, "offload_gpu", headers=token, sse=sse).content[0].text)
+    assert (offload["outcome"], offload["status"]["model_location"]) == ("done", "cpu")
+    arguments = CONTROL_CALLS["update_gpu_timeout"]
+    timeouts = call(locked.url, "update_gpu_timeout", arguments, headers=token, sse=sse)
+    assert not timeouts.isError, timeouts.content
+    assert (locked.manager.idle_timeout, locked.manager.release_timeout) == (5.0, 7.0)
+    release = json.loads(call(locked.url, "release_gpu", headers=token, sse=sse).content[0].text)
+    assert (release["outcome"], release["status"]["model_location"]) == ("done", "unloaded")
+
+
+def test_the_sse_transport_refuses_without_the_token_too(locked):
+    locked.manager.preheat()
+    result = call(locked.url, "release_gpu", sse=True)
+    assert (result.isError, result.content[0].text) == (True, LOCKED)
+    assert locked.manager.get_status()["model_location"] == "gpu"
+
+
+def test_get_gpu_status_stays_open_on_a_locked_app(locked):
+    result = call(locked.url, "get_gpu_status")
+    assert not result.isError
+    assert json.loads(result.content[0].text)["model_location"] == "unloaded"
+
+
+@pytest.mark.parametrize("tool", sorted(CONTROL_CALLS))
+def test_a_foreign_origin_is_refused_even_with_the_token(locked, tool):
+    locked.manager.preheat()
+    before = state(locked)
+    headers = {"Authorization": f"Bearer {CONTROL_TOKEN}", "Origin": "https://evil.example"}
+    result = call(locked.url, tool, CONTROL_CALLS[tool], headers=headers)
+    assert (result.isError, result.content[0].text) == (True, FOREIGN)
+    assert state(locked) == before
+
+
+def test_a_foreign_origin_is_refused_by_the_open_app(gated):
+    gated.manager.preheat()
+    result = call(gated.url, "release_gpu", headers={"Origin": "https://evil.example"})
+    assert (result.isError, result.content[0].text) == (True, FOREIGN)
+    assert gated.manager.get_status()["model_location"] == "gpu"
+    same = call(gated.url, "release_gpu", headers={"Origin": gated.url})
+    assert json.loads(same.content[0].text)["outcome"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "needle"),
+    [
+        ({"timeout_seconds": None}, "timeout_seconds"),
+        ({"timeout_seconds": "abc"}, "timeout_seconds must be a number of seconds"),
+        ({"timeout_seconds": 1e308}, "timeout_seconds"),
+        ({"timeout_seconds": 60, "release_timeout_seconds": -1}, "release_timeout_seconds must be 0 or more"),
+        ({"timeout_seconds": "x" * 100_000}, "characters)"),
+    ],
+)
+def test_update_gpu_timeout_answers_bad_values_with_a_short_sentence(gated, arguments, needle):
+    result = call(gated.url, "update_gpu_timeout", arguments)
+    assert result.isError
+    assert needle in result.content[0].text
+    assert len(result.content[0].text) < 300
+    assert "Traceback" not in result.content[0].text
+    assert (gated.manager.idle_timeout, gated.manager.release_timeout) == (60.0, 0.0)
+
+
+def test_update_gpu_timeout_takes_never_as_text(gated):
+    arguments = {"timeout_seconds": "never", "release_timeout_seconds": "never"}
+    result = call(gated.url, "update_gpu_timeout", arguments)
+    answer = json.loads(result.content[0].text)
+    assert answer["message"] == "Idle timeout set to never. Release timeout set to never."
+    assert (gated.manager.idle_timeout, gated.manager.release_timeout) == (float("inf"), 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +69,38 @@ def test_format_size(value, text):
 def test_durations(seconds, measured, countdown):
     assert format_seconds(seconds) == measured
     assert format_countdown(seconds) == countdown
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (59.5, "1 min 00 s"),
+        (3599.6, "1 h 00 min"),
+        (3 * 86400 + 4 * 3600 + 59, "3 d 04 h"),
+        (2592000, "30 d 00 h"),
+        (1e308, "over a year"),
+        (-3, "0 s"),
+        (float("-inf"), "0 s"),
+        (float("nan"), "–"),
+    ],
+)
+def test_countdowns_stay_short_whatever_the_value(seconds, text):
+    assert format_countdown(seconds) == text
+
+
+def test_a_huge_timeout_never_prints_a_long_number():
+    page = render_status(
+        status(
+            model_location="gpu",
+            idle_timeout=1e308,
+            release_timeout=1e300,
+            auto_offload_in=1e308,
+            idle_time=1e20,
+        )
+    )
+    assert max(len(run) for run in re.findall(r"\d+", page)) <= 6
+    assert "Auto-offload in <b>over a year</b>" in page
+    assert "idle timeout over a year · release timeout over a year" in page
 
 
 def test_format_gb_always_two_decimals():
@@ -221,11 +254,11 @@ def generate(tmp_path):
 
 def test_generate_fn_writes_into_the_output_folder_and_reports_the_load(generate):
     fn, manager, folder = generate
-    image, audio = make_portrait(folder / "face.png"), make_speech(folder / "speech.wav", seconds=0.4)
+    image, audio = make_portrait(folder / "face.png"), make_speech(folder / "speech.wav", seconds=0.6)
     result = json.loads(fn(str(image), str(audio), fps=10, size=64, progress=lambda *a, **k: None))
     assert Path(result["video_path"]).parent == folder
     assert result["video_url"] is None
-    assert (result["acquired_by"], result["offloaded"], result["frames"]) == ("load", True, 4)
+    assert (result["acquired_by"], result["offloaded"], result["frames"]) == ("load", True, 6)
     assert manager.get_status()["model_location"] == "cpu"
 
 

@@ -1,0 +1,312 @@
+"""The GPU panel's look: the status card's HTML, number formats and the panel's CSS.
+
+Pure functions of a manager's ``get_status()`` snapshot (DESIGN.md's schema); nothing here
+touches a manager or Gradio, so the card is tested without a server.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+__all__ = [
+    "PANEL_CSS",
+    "format_countdown",
+    "format_gb",
+    "format_seconds",
+    "format_size",
+    "render_status",
+]
+
+_YEAR = 365 * 86400
+
+
+def format_gb(value: float | None) -> str:
+    """GiB with two decimals (``14.20 GB``); None becomes an en dash."""
+    return "–" if value is None else f"{value:.2f} GB"
+
+
+def format_size(value: float | None) -> str:
+    """A model size given in GiB: ``14.20 GB``, and MB or KB below 0.01 GB so small models show."""
+    if value is None:
+        return "–"
+    if value == 0 or value >= 0.01:
+        return format_gb(value)
+    n_bytes = value * 2**30
+    return f"{n_bytes / 2**20:.1f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KB"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A measured duration: ``0.31 s``, ``47 s``, ``4 min 12 s``, ``2 h 05 min``; None: never."""
+    if seconds is None or math.isinf(seconds):
+        return "never"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return format_countdown(seconds)
+
+
+def format_countdown(seconds: float | None) -> str:
+    """A countdown or timeout in whole units: ``47 s``, ``4 min 12 s``, ``2 h 05 min``, ``3 d 04 h``.
+
+    None or infinity: ``never``; NaN: an en dash; negative: ``0 s``; beyond a year: ``over a
+    year`` (never a many-digit count).
+    """
+    if seconds is None or math.isinf(seconds):
+        return "never" if seconds is None or seconds > 0 else "0 s"
+    if math.isnan(seconds):
+        return "–"
+    whole = math.ceil(seconds - 1e-9) if seconds < 60 else round(seconds)
+    whole = max(0, whole)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        minutes, rest = divmod(whole, 60)
+        return f"{minutes} min {rest:02d} s"
+    if whole < 86400:
+        hours, rest = divmod(whole, 3600)
+        return f"{hours} h {rest // 60:02d} min"
+    if whole <= _YEAR:
+        days, rest = divmod(whole, 86400)
+        return f"{days} d {rest // 3600:02d} h"
+    return "over a year"
+
+
+def _badge(status: dict[str, Any]) -> tuple[str, str]:
+    """The location badge: (css class, label)."""
+    device = str(status.get("device") or "")
+    on_cuda = device.startswith("cuda")
+    transition = status.get("transition")
+    if transition:
+        labels = {
+            "loading": f"Loading to {device}…",
+            "restoring": f"Restoring to {device}…",
+            "offloading": "Offloading to host RAM…",
+            "releasing": "Releasing…",
+        }
+        return "moving", labels.get(transition, f"{transition.capitalize()}…")
+    location = status.get("model_location")
+    if location == "gpu":
+        if status.get("in_use"):
+            return "gpu", (f"Working on GPU · {device}" if on_cuda else "Working on CPU")
+        return "gpu", (f"On GPU · {device}" if on_cuda else "Ready on CPU")
+    if location == "cpu":
+        return "cpu", "In host RAM (cached)"
+    return "unloaded", "Not loaded"
+
+
+def _bar(fraction: float, kind: str = "") -> str:
+    width = max(0.0, min(1.0, fraction)) * 100
+    return f'<div class="gpc-bar {kind}"><div class="gpc-fill" style="width:{width:.1f}%"></div></div>'
+
+
+def _memory_section(status: dict[str, Any]) -> str:
+    total = status.get("gpu_memory_total_gb")
+    allocated = status.get("gpu_memory_allocated_gb") or 0.0
+    reserved = status.get("gpu_memory_reserved_gb") or 0.0
+    free = status.get("gpu_memory_free_gb")
+    if not status.get("gpu_available") or not total:
+        body = (
+            '<div class="gpc-muted">No CUDA device here: the model runs on the CPU; GPU memory 0.00 GB.</div>'
+        )
+        return f'<div class="gpc-section"><div class="gpc-label">GPU memory</div>{body}</div>'
+    used = total - free if free is not None else reserved
+    return (
+        '<div class="gpc-section"><div class="gpc-label">GPU memory</div>'
+        + _bar(used / total)
+        + '<div class="gpc-row">'
+        f"<span>used <b>{format_gb(used)}</b> of {format_gb(total)}</span>"
+        f"<span>free <b>{format_gb(free)}</b></span></div>"
+        f'<div class="gpc-row gpc-muted"><span>this process: allocated {format_gb(allocated)}</span>'
+        f"<span>reserved {format_gb(reserved)}</span></div></div>"
+    )
+
+
+def _timer_section(status: dict[str, Any]) -> str:
+    location = status.get("model_location")
+    idle_timeout = status.get("idle_timeout")
+    release_timeout = status.get("release_timeout") or 0
+    lines = []
+    if status.get("in_use"):
+        jobs = status["in_use"]
+        lines.append(
+            f"<div>Running {jobs} job{'s' if jobs != 1 else ''}: timers wait for {'them' if jobs != 1 else 'it'}.</div>"
+        )
+    elif status.get("transition"):
+        lines.append("<div>Moving: timers start when the move ends.</div>")
+    elif location == "gpu":
+        offload_in = status.get("auto_offload_in")
+        if offload_in is None:
+            lines.append("<div>Auto-offload: <b>never</b> (idle timeout off)</div>")
+        else:
+            fraction = offload_in / idle_timeout if idle_timeout else 0.0
+            lines.append(
+                f"<div>Auto-offload in <b>{format_countdown(offload_in)}</b></div>"
+                + _bar(fraction, "gpc-thin")
+            )
+    elif location == "cpu":
+        release_in = status.get("auto_release_in")
+        if release_in is None:
+            lines.append("<div>Kept in host RAM until released (release timeout: never)</div>")
+        else:
+            fraction = release_in / release_timeout if release_timeout else 0.0
+            lines.append(
+                f"<div>Auto-release in <b>{format_countdown(release_in)}</b></div>"
+                + _bar(fraction, "gpc-thin")
+            )
+    else:
+        lines.append("<div>Loads on the first request (nothing is loaded until then).</div>")
+    if status.get("idle_time") and not status.get("in_use") and location != "unloaded":
+        lines.append(
+            f'<div class="gpc-muted">Idle for {format_countdown(math.floor(status["idle_time"]))}</div>'
+        )
+    after_use = (
+        "offload after each job" if status.get("offload_after_use") else "stay on the device after jobs"
+    )
+    policy = (
+        f"Policy: {after_use} · idle timeout {format_countdown(idle_timeout)} · "
+        f"release timeout {'never' if not release_timeout else format_countdown(release_timeout)}"
+    )
+    lines.append(f'<div class="gpc-muted">{policy}</div>')
+    return '<div class="gpc-section"><div class="gpc-label">Timers</div>' + "".join(lines) + "</div>"
+
+
+def _last_transition(status: dict[str, Any]) -> str:
+    last = status.get("last_transition")
+    if not last:
+        return ""
+    reasons = {
+        "request": "for a job",
+        "after_use": "after a job",
+        "idle_timeout": "idle timeout",
+        "release_timeout": "release timeout",
+        "manual": "button / API",
+        "preheat": "preheat",
+    }
+    copied = last.get("bytes_copied") or 0
+    parts = [
+        f"<b>{html.escape(str(last.get('kind', '')))}</b> ({html.escape(reasons.get(last.get('reason'), str(last.get('reason'))))})",
+        f"in <b>{format_seconds(last.get('seconds'))}</b>",
+    ]
+    if copied:
+        parts.append(f"{format_size(copied / 2**30)} copied")
+    at = str(last.get("at") or "")
+    if "T" in at:
+        parts.append(html.escape(at.split("T", 1)[1].rstrip("Z")) + " UTC")
+    return (
+        '<div class="gpc-section"><div class="gpc-label">Last transition</div><div>'
+        + " · ".join(parts)
+        + "</div></div>"
+    )
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """Render a manager's status (DESIGN.md's schema) as the panel's HTML card.
+
+    Args:
+        status: what ``GPUResourceManager.get_status()`` returned.
+
+    Returns:
+        HTML; the outer element carries ``data-location`` and ``data-transition`` attributes.
+    """
+    kind, label = _badge(status)
+    location = html.escape(str(status.get("model_location")))
+    transition = html.escape(str(status.get("transition") or ""))
+    chips = []
+    if status.get("in_use"):
+        chips.append(f'<span class="gpc-chip gpc-busy">in use · {int(status["in_use"])}</span>')
+    for pending in status.get("pending") or []:
+        name = "offload" if pending.startswith("offload") else pending
+        chips.append(f'<span class="gpc-chip gpc-pending">{html.escape(name)} pending</span>')
+    device_line = html.escape(
+        status.get("gpu_name")
+        or ("CPU · no CUDA device" if str(status.get("device")) == "cpu" else str(status.get("device")))
+    )
+    model_name = html.escape(str(status.get("name") or "model"))
+    counts = status.get("counts") or {}
+    count_cells = "".join(
+        f'<div class="gpc-count"><b>{int(counts.get(key, 0))}</b><span>{key}</span></div>'
+        for key in ("loads", "restores", "offloads", "releases", "uses")
+    )
+    model_size = status.get("model_size_gb")
+    sizes = (
+        '<div class="gpc-row">'
+        f"<span>size <b>{format_size(model_size)}</b></span>"
+        f"<span>in host cache <b>{format_size(status.get('cpu_cache_gb'))}</b></span></div>"
+    )
+    parts = [
+        f'<div class="gpc-panel" data-location="{location}" data-transition="{transition}">',
+        '<div class="gpc-head">',
+        f'<span class="gpc-badge gpc-{kind}"><span class="gpc-dot"></span>{html.escape(label)}</span>',
+        "".join(chips),
+        "</div>",
+        f'<div class="gpc-sub">{model_name} · {device_line}</div>',
+        _memory_section(status),
+        f'<div class="gpc-section"><div class="gpc-label">Model</div>{sizes}</div>',
+        _timer_section(status),
+        f'<div class="gpc-counts">{count_cells}</div>',
+        _last_transition(status),
+    ]
+    if status.get("last_error"):
+        parts.append(
+            f'<div class="gpc-alert gpc-error"><b>Last error</b> {html.escape(str(status["last_error"]))}</div>'
+        )
+    if status.get("leak"):
+        leaked = status.get("leaked_gb")
+        amount = f" ({format_gb(leaked)})" if leaked else ""
+        parts.append(
+            f'<div class="gpc-alert gpc-warn"><b>Memory not freed{amount}</b> {html.escape(str(status["leak"]))}. '
+            "Drop other references to the model, then Release.</div>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+PANEL_CSS = """
+.gpc-card { gap: 10px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary);
+  border-radius: var(--radius-xl); padding: 14px !important; box-shadow: var(--block-shadow); }
+.gpc-title { font-weight: 600; font-size: 1.05rem; padding: 2px 2px 0; }
+.gpc-panel { display: flex; flex-direction: column; gap: 10px; font-size: 0.92rem; line-height: 1.35; }
+.gpc-head { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; }
+.gpc-badge { display: inline-flex; align-items: center; gap: 7px; padding: 5px 12px; border-radius: 999px;
+  font-weight: 600; font-size: 0.95rem; border: 1px solid transparent; }
+.gpc-dot { width: 9px; height: 9px; border-radius: 50%; background: currentColor; }
+.gpc-gpu { background: rgba(22, 163, 74, 0.14); color: #15803d; border-color: rgba(22, 163, 74, 0.35); }
+.gpc-cpu { background: rgba(37, 99, 235, 0.12); color: #1d4ed8; border-color: rgba(37, 99, 235, 0.35); }
+.gpc-unloaded { background: rgba(100, 116, 139, 0.12); color: #475569; border-color: rgba(100, 116, 139, 0.35); }
+.gpc-moving { background: rgba(217, 119, 6, 0.14); color: #b45309; border-color: rgba(217, 119, 6, 0.4); }
+.gpc-moving .gpc-dot { animation: gpc-pulse 1s ease-in-out infinite; }
+@keyframes gpc-pulse { 50% { opacity: 0.25; } }
+.dark .gpc-gpu { color: #4ade80; } .dark .gpc-cpu { color: #93c5fd; }
+.dark .gpc-unloaded { color: #cbd5e1; } .dark .gpc-moving { color: #fbbf24; }
+.gpc-chip { padding: 2px 9px; border-radius: 999px; font-size: 0.8rem; font-weight: 600; }
+.gpc-busy { background: rgba(124, 58, 237, 0.14); color: #6d28d9; }
+.gpc-pending { background: rgba(217, 119, 6, 0.14); color: #b45309; }
+.gpc-sub, .gpc-muted { color: var(--body-text-color-subdued); font-size: 0.85rem; }
+.gpc-section { display: flex; flex-direction: column; gap: 4px; }
+.gpc-label { font-size: 0.72rem; text-transform: uppercase; letter-spacing: 0.06em; font-weight: 600;
+  color: var(--body-text-color-subdued); }
+.gpc-row { display: flex; justify-content: space-between; gap: 8px; flex-wrap: wrap; }
+.gpc-bar { height: 10px; border-radius: 6px; background: var(--neutral-200); overflow: hidden; }
+.dark .gpc-bar { background: var(--neutral-700); }
+.gpc-bar.gpc-thin { height: 5px; }
+.gpc-fill { height: 100%; border-radius: 6px; background: linear-gradient(90deg, #6366f1, #8b5cf6);
+  transition: width 0.6s ease; }
+.gpc-counts { display: grid; grid-template-columns: repeat(5, 1fr); gap: 6px; }
+.gpc-count { display: flex; flex-direction: column; align-items: center; padding: 6px 2px; border-radius: 8px;
+  background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
+.gpc-count b { font-size: 1.05rem; } .gpc-count span { font-size: 0.72rem; color: var(--body-text-color-subdued); }
+.gpc-alert { padding: 8px 10px; border-radius: 8px; font-size: 0.85rem; word-break: break-word; }
+.gpc-error { background: rgba(220, 38, 38, 0.1); border: 1px solid rgba(220, 38, 38, 0.35); }
+.gpc-warn { background: rgba(217, 119, 6, 0.1); border: 1px solid rgba(217, 119, 6, 0.35); }
+.gpc-message { min-height: 1.4em; font-size: 0.9rem; }
+.gpc-message .gpc-refused, .gpc-message .gpc-failed { color: #b91c1c; font-weight: 600; }
+.dark .gpc-message .gpc-refused, .dark .gpc-message .gpc-failed { color: #f87171; }
+.gpc-lock { padding: 8px 10px; border-radius: 8px; font-size: 0.85rem; background: rgba(217, 119, 6, 0.1);
+  border: 1px solid rgba(217, 119, 6, 0.35); }
+.gpc-lock-typed { display: none; background: rgba(22, 163, 74, 0.1); border-color: rgba(22, 163, 74, 0.35); }
+.gpc-card:has(#gpu-token input:not(:placeholder-shown)) .gpc-lock-waiting { display: none; }
+.gpc-card:has(#gpu-token input:not(:placeholder-shown)) .gpc-lock-typed { display: block; }
+"""
