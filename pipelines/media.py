@@ -1,10 +1,10 @@
 """Reading and checking inputs (a portrait, a speech track) and writing the MP4.
 
 - `read_image` opens a path or a PIL image, applies the EXIF orientation, converts to RGB
-  and enforces the size limits.
+  and enforces the size limits and the aspect ratio (a strip of a picture gives a useless video).
 - `read_audio` opens a path (soundfile: wav, flac, ogg, mp3; anything else through PyAV, e.g.
   m4a or webm) or Gradio's ``(sample_rate, samples)`` tuple, mixes to mono, checks the length
-  and rejects empty or silent tracks, and resamples on request.
+  and rejects empty, too short (under half a second) or silent tracks, and resamples on request.
 - `VideoWriter` streams frames and audio into an MP4 (H.264 yuv420p + AAC, BT.709 tagged,
   ``faststart`` so browsers play it while it downloads); nothing is buffered beyond what the
   encoders hold, so memory does not grow with the length of the video.
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AAC_SAMPLE_RATES",
+    "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "MIN_AUDIO_SECONDS",
     "MIN_IMAGE_SIDE",
@@ -64,7 +65,8 @@ AudioInput = Union[str, "os.PathLike[str]", tuple[int, np.ndarray]]
 
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_PIXELS = 40_000_000
-MIN_AUDIO_SECONDS = 0.1
+MAX_ASPECT_RATIO = 4.0  # long side / short side; beyond it the video is a thin strip
+MIN_AUDIO_SECONDS = 0.5  # shorter clips give a video of a few frames
 SILENCE_DBFS = -60.0
 AAC_SAMPLE_RATES = (44100, 48000)
 OUTPUT_AUDIO_RATE = 48000
@@ -86,7 +88,8 @@ def read_image(image: ImageInput) -> Image.Image:
         An RGB image with its EXIF orientation applied (transparent areas become white).
 
     Raises:
-        MediaError: the file is missing, not an image, damaged, or too small or too large.
+        MediaError: the file is missing, not an image, damaged, too small or too large, or
+            more than `MAX_ASPECT_RATIO` times as wide as it is tall (or the reverse).
     """
     if isinstance(image, Image.Image):
         _check_image_size(image.size, "The image")
@@ -99,7 +102,7 @@ def read_image(image: ImageInput) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(image))
 
     path = _existing_file(image, "Image")
-    label = f"The image '{path.name}'"
+    label = f"The image '{_shown_name(path)}'"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -119,17 +122,25 @@ def read_image(image: ImageInput) -> Image.Image:
         if isinstance(error, MediaError):
             raise
         raise MediaError(
-            f"{label} could not be decoded ({error}); the file may be damaged or truncated, export it again as JPEG or PNG."
+            f"{label} could not be decoded ({_reason(error, path)}); the file may be damaged or truncated, "
+            "export it again as JPEG or PNG."
         ) from error
     return _to_rgb(oriented)
 
 
 def _check_image_size(size: tuple[int, int], label: str) -> None:
-    """Enforce the minimum side and the maximum pixel count."""
+    """Enforce the minimum side, the maximum pixel count and the aspect ratio."""
     width, height = size
     if min(width, height) < MIN_IMAGE_SIDE:
         raise MediaError(
             f"{label} is {width}x{height} px; it must be at least {MIN_IMAGE_SIDE} px on each side. Use a larger portrait."
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        shape = "wide" if width > height else "tall"
+        raise MediaError(
+            f"{label} is {width}x{height} px, {max(width, height) / min(width, height):.1f} times as {shape} as it is "
+            f"{'tall' if shape == 'wide' else 'wide'}; a portrait may be at most {MAX_ASPECT_RATIO:g} times. "
+            "Crop it around the face."
         )
     if width * height > MAX_IMAGE_PIXELS:
         raise MediaError(
@@ -189,7 +200,7 @@ def read_audio(
         label = "The audio"
     else:
         path = _existing_file(audio, "Audio")
-        label = f"The audio '{path.name}'"
+        label = f"The audio '{_shown_name(path)}'"
         rate, samples = _read_audio_file(path, label, max_seconds)
     mono = _check_samples(samples, rate, label, max_seconds)
     if sample_rate is not None and sample_rate != rate:
@@ -262,7 +273,7 @@ def _read_audio_file(path: Path, label: str, max_seconds: float | None) -> tuple
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError) as error:
         raise MediaError(
-            f"{label} could not be decoded ({error}); the file may be damaged, export it again as WAV."
+            f"{label} could not be decoded ({_reason(error, path)}); the file may be damaged, export it again as WAV."
         ) from error
     return int(rate), samples
 
@@ -302,7 +313,8 @@ def _check_samples(samples: np.ndarray, rate: int, label: str, max_seconds: floa
         raise MediaError(f"{label} is empty (it holds no samples); upload or record some speech.")
     if duration < MIN_AUDIO_SECONDS:
         raise MediaError(
-            f"{label} is only {duration:.3f} s long; it must last at least {MIN_AUDIO_SECONDS} s."
+            f"{label} is only {duration:.3f} s long; it must last at least {MIN_AUDIO_SECONDS:g} s. "
+            "Record or upload a longer clip."
         )
     if max_seconds is not None and duration > max_seconds:
         raise _too_long(label, duration, max_seconds)
@@ -338,8 +350,24 @@ def _existing_file(source: Any, kind: str) -> Path:
         ) from error
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "was not found"
-        raise MediaError(f"{kind} file '{path}' {what}; check the path.")
+        raise MediaError(f"{kind} file '{_shown_name(path)}' {what}; check the path.")
     return path
+
+
+def _shown_name(path: Path) -> str:
+    """A file's name as messages show it: never its folder (a server path), cut to 60 characters."""
+    name = path.name
+    return name if len(name) <= 60 else f"{name[:57]}..."
+
+
+def _reason(error: BaseException, path: Path) -> str:
+    """A decoder's error text for a message, with the file's folder (a server path) taken out."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return error.strerror
+    text = str(error)
+    for form in {str(path), os.fspath(path.resolve()) if path.exists() else str(path)}:
+        text = text.replace(form, _shown_name(path))
+    return text[:200]
 
 
 # ---------------------------------------------------------------------------------------- video
@@ -511,7 +539,7 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
     try:
         with av.open(str(file)) as container:
             if not container.streams.video:
-                raise MediaError(f"'{file.name}' has no video stream.")
+                raise MediaError(f"'{_shown_name(file)}' has no video stream.")
             video = container.streams.video[0]
             frames = video.frames or sum(1 for packet in container.demux(video) if packet.size)
             rate = float(video.average_rate or video.base_rate or 0)
@@ -540,7 +568,9 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
                 audio_duration_s=audio_duration,
             )
     except av.FFmpegError as error:
-        raise MediaError(f"'{file.name}' is not a readable video ({error}).") from error
+        raise MediaError(
+            f"'{_shown_name(file)}' is not a readable video ({_reason(error, file)})."
+        ) from error
 
 
 def temp_video_path(prefix: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +24,7 @@ from PIL import Image
 
 from gpu_control import ControlAccess, GpuControlError, GPUResourceManager, LoadError
 from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
-from pipelines.jobs import JobGate
+from pipelines.jobs import JobCancelled, JobGate, ShuttingDown
 from pipelines.media import prune_videos
 
 from .gpu_panel import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
@@ -36,6 +38,8 @@ __all__ = [
     "example_rows",
     "make_generate_fn",
 ]
+
+logger = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"
 DEFAULT_KEEP_VIDEOS_S = 24 * 3600.0  # generated videos older than this are deleted
@@ -136,11 +140,26 @@ def make_generate_fn(
     pipeline: Pipeline,
     output_dir: Path,
     keep_videos_s: float = DEFAULT_KEEP_VIDEOS_S,
+    *,
+    gate: JobGate | None = None,
+    allow_url_inputs: bool = True,
 ) -> Any:
     """Build ``generate_video``, the function behind the Generate button, the API and MCP.
 
-    Videos in ``output_dir`` older than ``keep_videos_s`` are deleted before each job (0: never).
+    Args:
+        manager: owns the model's GPU-memory lifecycle.
+        pipeline: turns a portrait and a speech track into a video.
+        output_dir: where videos are written.
+        keep_videos_s: videos in ``output_dir`` older than this are deleted before each job (0: never).
+        gate: admits jobs; once closed it refuses them, and a cancelled job stops at its next
+            progress report (default: a gate of its own).
+        allow_url_inputs: whether the tool description offers http(s) URLs for files.
+
+    Returns:
+        ``generate_video(image, audio, fps, size, ...)``; it answers JSON text and raises
+        `ToolError` with a sentence for anything it cannot do.
     """
+    gate = JobGate() if gate is None else gate
 
     def generate_video(
         image: str | None,
@@ -160,8 +179,8 @@ def make_generate_fn(
         The video model is loaded on the GPU for the job (from disk on the first job, from host RAM afterwards) and moved off the GPU when the job ends. Jobs run one at a time.
 
         Args:
-            image: the portrait: one face, roughly frontal (png, jpeg or webp; at least 64 px a side).
-            audio: the speech track (wav, mp3, flac, ogg or m4a); the video is as long as the audio.
+            image: the portrait: one face, roughly frontal (png, jpeg or webp; at least 64 px a side, at most 4 times as wide as tall or the reverse). Over MCP: a data: URI (data:image/png;base64,...) or an http(s) URL of a public file.
+            audio: the speech track (wav, mp3, flac, ogg or m4a; at least 0.5 s); the video is as long as the audio. Over MCP: a data: URI (data:audio/wav;base64,...) or an http(s) URL of a public file.
             fps: frames per second of the video (1-60).
             size: long side of the video in pixels (64-2048); the short side follows the portrait.
             expressiveness: how wide the mouth opens (0-2; 0 keeps it closed).
@@ -201,18 +220,17 @@ def make_generate_fn(
             )
         except ValueError as error:
             raise ToolError(f"{error}", print_exception=False) from error
+
+        def report(fraction: float, message: str) -> None:
+            gate.check()  # a job cancelled at shutdown stops here, at its next progress report
+            progress(fraction, desc=message)
+
         progress(0.0, desc="Waiting for the model")
-        before = _counts(manager)
         try:
-            video = run_pipeline(
-                manager,
-                pipeline,
-                image,
-                audio,
-                options,
-                lambda fraction, message: progress(fraction, desc=message),
-            )
-        except MediaError as error:
+            with gate.job():
+                before = _counts(manager)
+                video = run_pipeline(manager, pipeline, image, audio, options, report)
+        except (ShuttingDown, JobCancelled, MediaError) as error:
             raise ToolError(str(error), print_exception=False) from error
         except LoadError as error:
             raise ToolError(
@@ -220,6 +238,12 @@ def make_generate_fn(
             ) from error
         except (GpuControlError, PipelineError) as error:
             raise ToolError(str(error)) from error
+        except Exception as error:
+            logger.exception("generate_video failed")
+            raise ToolError(
+                "The video could not be made because of an error on the server; its log has the details.",
+                print_exception=False,
+            ) from error
         after = _counts(manager)
         if after["loads"] > before["loads"]:
             acquired_by = "load"
@@ -236,6 +260,10 @@ def make_generate_fn(
         }
         return json.dumps(result)
 
+    if not allow_url_inputs:
+        generate_video.__doc__ = (generate_video.__doc__ or "").replace(
+            " or an http(s) URL of a public file.", "; this server does not fetch URLs."
+        )
     return generate_video
 
 
@@ -270,7 +298,8 @@ def cost_html(result: dict[str, Any]) -> str:
     breakdown = f'<div class="tp-muted">generate = {" · ".join(inside)}</div>' if inside else ""
     facts = (
         f"{float(result.get('duration_s', 0)):.2f} s of video · {int(result.get('frames', 0))} frames at "
-        f"{result.get('fps')} fps · {result.get('width')}×{result.get('height')} px"
+        f"{html.escape(str(result.get('fps')))} fps · "
+        f"{html.escape(str(result.get('width')))}×{html.escape(str(result.get('height')))} px"
     )
     notes = "".join(
         f'<div class="tp-note">{html.escape(str(note))}</div>' for note in result.get("notes") or []
@@ -281,19 +310,46 @@ def cost_html(result: dict[str, Any]) -> str:
     )
 
 
-def _show_result(result_json: str) -> tuple[str | None, str]:
-    """Turn generate_video's JSON into the video player's path and the cost card."""
-    result = json.loads(result_json)
-    return result["video_path"], cost_html(result)
+def _result_shower(output_dir: Path) -> Any:
+    """Build the step after a job: generate_video's JSON to the video player's file and the cost card.
+
+    The JSON comes back from the browser, so only the file's name is taken from it: the video
+    shown is always one of the app's own in ``output_dir``.
+    """
+    folder = output_dir.resolve()
+
+    def show_result(result_json: str) -> tuple[str, str]:
+        try:
+            result = json.loads(result_json)
+            video = folder / Path(str(result["video_path"])).name
+            card = cost_html(result)
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise ToolError(
+                "That is not a result of generate_video; generate a video first.", print_exception=False
+            ) from error
+        if not (video.name.startswith("talking-") and video.suffix == ".mp4" and video.is_file()):
+            raise ToolError(
+                "That video is not on the server (old videos are deleted); generate it again.",
+                print_exception=False,
+            )
+        return str(video), card
+
+    return show_result
 
 
 def _mouth_from_click(image_path: str | None, event: gr.SelectData) -> str:
     """A click on the portrait sets the mouth override (fractions of width and height)."""
-    if not image_path or not isinstance(event.index, (list, tuple)) or len(event.index) != 2:
+    index = getattr(event, "index", None)
+    if not image_path or not isinstance(index, (list, tuple)) or len(index) != 2:
         return ""
-    with Image.open(image_path) as picture:
-        width, height = picture.size
-    x, y = event.index
+    x, y = index
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (x, y)):
+        return ""
+    try:
+        with Image.open(image_path) as picture:
+            width, height = picture.size
+    except (OSError, ValueError):
+        return ""  # not an image the click could be placed on; detection finds the mouth
     return f"{min(max(x / width, 0.0), 1.0):.3f},{min(max(y / height, 0.0), 1.0):.3f}"
 
 
@@ -307,6 +363,7 @@ def build_demo(
     keep_videos_s: float = DEFAULT_KEEP_VIDEOS_S,
     access: ControlAccess | None = None,
     gate: JobGate | None = None,
+    allow_url_inputs: bool = True,
 ) -> gr.Blocks:
     """Build the Blocks app around one manager and one pipeline.
 
@@ -320,15 +377,21 @@ def build_demo(
         keep_videos_s: how long generated videos (and Gradio's cached copies) are kept (0: always).
         access: who may change the GPU state (control token, same origin); None: no token.
         gate: admits jobs and cancels them at shutdown (default: a gate of its own).
+        allow_url_inputs: whether the MCP tool description offers http(s) URLs for files; pass
+            the same value to `ui.mount_demo`, which enforces it.
 
     Returns:
-        The Blocks; mount it with ``gr.mount_gradio_app(app, demo, path="/", mcp_server=True,
+        The Blocks; mount it with ``ui.mount_demo(app, demo, path="/", mcp_server=True,
         allowed_paths=[output_dir], **appearance())``.
     """
     out = Path(output_dir) if output_dir is not None else Path.cwd() / "outputs"
     out.mkdir(parents=True, exist_ok=True)
     rows = example_rows() if examples is None else examples
-    generate_video = make_generate_fn(manager, pipeline, out, keep_videos_s)
+    gate = JobGate() if gate is None else gate
+    generate_video = make_generate_fn(
+        manager, pipeline, out, keep_videos_s, gate=gate, allow_url_inputs=allow_url_inputs
+    )
+    show_result = _result_shower(out)
     cache_sweep = None
     if keep_videos_s > 0:
         cache_sweep = (int(min(3600, max(60, keep_videos_s))), int(max(60, keep_videos_s)))
@@ -393,11 +456,11 @@ def build_demo(
         shown = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
         generate.click(
             generate_video, inputs=inputs, outputs=result_json, api_name="generate_video", **job
-        ).success(_show_result, inputs=result_json, outputs=[video, cost], **shown)
+        ).success(show_result, inputs=result_json, outputs=[video, cost], **shown)
         if example_set is not None:
             example_set.load_input_event.then(
                 generate_video, inputs=inputs, outputs=result_json, api_visibility="private", **job
-            ).success(_show_result, inputs=result_json, outputs=[video, cost], **shown)
+            ).success(show_result, inputs=result_json, outputs=[video, cost], **shown)
         image.select(_mouth_from_click, inputs=image, outputs=mouth, **shown)
         image.change(lambda: "", outputs=mouth, **shown)
     return demo

@@ -1,4 +1,4 @@
-"""The Gradio API of the running app through gradio_client: a video from the examples, and errors."""
+"""The Gradio API of the running app: a video from the examples, and bad input answered with sentences."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 from ui.blocks import example_rows
 
-from .helpers import get_status, video_facts
+from .helpers import get_status, make_speech, video_facts
 
 
 def test_generate_video_from_the_first_example_with_the_builtin_pipeline(real_live):
@@ -110,3 +111,155 @@ def test_gpu_tools_are_callable_as_gradio_api_endpoints(gated):
     assert changed["status"]["idle_timeout"] == 42.0
     assert json.loads(client.predict(api_name="/offload_gpu"))["outcome"] == "nothing_to_do"
     assert json.loads(client.predict(api_name="/release_gpu"))["outcome"] == "nothing_to_do"
+
+
+def _uses(live) -> int:
+    return get_status(live.url)["counts"]["uses"]
+
+
+def test_a_strip_of_a_portrait_and_a_too_short_clip_are_refused_with_what_to_do(gated, inputs, tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (4000, 300), (200, 150, 120)).save(strip)
+    blip = make_speech(tmp_path / "blip.wav", seconds=0.1)
+    client = Client(gated.url, verbose=False)
+    before = _uses(gated)
+    with pytest.raises(AppError) as wide:
+        client.predict(handle_file(str(strip)), handle_file(str(inputs["audio"])), api_name="/generate_video")
+    assert str(wide.value) == (
+        "The image 'strip.png' is 4000x300 px, 13.3 times as wide as it is tall; a portrait may be at most "
+        "4 times. Crop it around the face."
+    )
+    with pytest.raises(AppError) as short:
+        client.predict(handle_file(str(inputs["image"])), handle_file(str(blip)), api_name="/generate_video")
+    assert str(short.value) == (
+        "The audio 'blip.wav' is only 0.100 s long; it must last at least 0.5 s. Record or upload a longer clip."
+    )
+    assert _uses(gated) == before
+
+
+OPTIONS = [25, 96, 1.0, 1.0, 1.0, 0, ""]
+FILE = {"_type": "gradio.FileData"}
+
+
+def _upload(url: str, path) -> dict:
+    with open(path, "rb") as handle:
+        answer = httpx.post(f"{url}/gradio_api/upload", files={"files": handle}, timeout=30)
+    return {"path": answer.json()[0], "meta": FILE, "orig_name": path.name}
+
+
+def test_wrong_types_and_unreadable_files_are_422_sentences_without_server_paths(gated, inputs, tmp_path):
+    speech = _upload(gated.url, inputs["audio"])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is not a picture")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(inputs["image"].read_bytes()[:300])
+    file_form = 'pass {"path": <the path the upload returned>, "meta": {"_type": "gradio.FileData"}}'
+    cases = [
+        (
+            [5, speech, *OPTIONS],
+            f"Input 'image' (Portrait) must be a file: upload it first (POST /gradio_api/upload, or handle_file() in gradio_client) and {file_form}; a number was sent.",
+        ),
+        ([{"x": 1}, speech, *OPTIONS], "Input 'image' (Portrait) must be a file:"),
+        (
+            ["/etc/passwd", speech, *OPTIONS],
+            "; text (in gradio_client, wrap a local file with handle_file()) was sent.",
+        ),
+        ([[speech], speech, *OPTIONS], "; a list was sent."),
+        ([speech, 7, *OPTIONS], "Input 'audio' (Speech) must be a file:"),
+        (
+            [speech, speech],
+            "This call takes 9 input value(s), in this order: 'image' (Portrait), 'audio' (Speech), 'fps' (Frames per second),",
+        ),
+        (
+            [_upload(gated.url, not_an_image), speech, *OPTIONS],
+            "Input 'image' (Portrait) could not be read: upload a JPEG, PNG or WebP image.",
+        ),
+        ([_upload(gated.url, truncated), speech, *OPTIONS], "could not be decoded"),
+        (
+            [_upload(gated.url, inputs["image"]), speech, "fast", *OPTIONS[1:]],
+            "Input 'fps' (Frames per second) could not be read: send a number.",
+        ),
+    ]
+    before = _uses(gated)
+    for data, needle in cases:
+        answer = httpx.post(f"{gated.url}/gradio_api/run/generate_video", json={"data": data}, timeout=60)
+        assert answer.status_code == 422, (data, answer.text)
+        text = answer.json()["error"]
+        assert needle in text, text
+        assert "/tmp/" not in text and "Traceback" not in text and " object at 0x" not in text, text
+    assert _uses(gated) == before
+
+
+def test_bad_calls_to_gradios_routes_are_4xx_sentences_never_5xx(gated):
+    config = httpx.get(f"{gated.url}/config", timeout=30).json()
+    ids = {d["api_name"]: d["id"] for d in config["dependencies"]}
+    calls = [
+        (
+            "POST",
+            "/gradio_api/run/predict",
+            {"fn_index": 9999, "data": []},
+            404,
+            "There is no event number 9999 in this app",
+        ),
+        (
+            "POST",
+            "/gradio_api/queue/join",
+            {"fn_index": -1, "data": [], "session_hash": "s"},
+            404,
+            "There is no event number -1",
+        ),
+        ("POST", "/gradio_api/queue/join", {"data": [], "session_hash": "s"}, 422, "send its fn_index"),
+        (
+            "POST",
+            "/gradio_api/call/no_such_thing",
+            {"data": []},
+            404,
+            "There is no API endpoint '/no_such_thing'",
+        ),
+        (
+            "POST",
+            "/gradio_api/run/predict",
+            {"fn_index": ids["_mouth_from_click"], "data": [None], "session_hash": "s"},
+            422,
+            "needs the data of the event",
+        ),
+        (
+            "POST",
+            "/gradio_api/run/predict",
+            {"fn_index": ids["load_example"], "data": [7], "session_hash": "s"},
+            422,
+            "must be the number of an example, from 0 to 0",
+        ),
+        (
+            "POST",
+            "/gradio_api/run/predict",
+            {"fn_index": ids["load_example"], "data": [None], "session_hash": "s"},
+            422,
+            "must be the number of an example",
+        ),
+        (
+            "POST",
+            "/gradio_api/run/predict",
+            {"fn_index": ids["show_result"], "data": ["{not json"], "session_hash": "s"},
+            422,
+            "That is not a result of generate_video",
+        ),
+        (
+            "GET",
+            "/gradio_api/call/generate_video/no-such-event",
+            None,
+            404,
+            "There is no job 'no-such-event'",
+        ),
+        ("GET", "/gradio_api/queue/data?session_hash=no-such-session", None, 404, "No job of this session"),
+    ]
+    for method, path, body, status, needle in calls:
+        answer = httpx.request(method, f"{gated.url}{path}", json=body, timeout=30)
+        assert answer.status_code == status, (path, body, answer.status_code, answer.text)
+        payload = answer.json()
+        assert needle in str(payload.get("detail") or payload.get("error")), (path, answer.text)
+    works = httpx.post(
+        f"{gated.url}/gradio_api/run/predict",
+        json={"fn_index": ids["load_example"], "data": [0], "session_hash": "s"},
+    )
+    assert works.status_code == 200 and works.json()["data"][0]["value"]["path"].startswith("/")

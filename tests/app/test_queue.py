@@ -1,17 +1,24 @@
-"""The queue: generations take turns in one slot; GPU controls answer at once during a job."""
+"""The queue: generations take turns in one slot; GPU controls answer at once; shutdown stops jobs cleanly."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
+import pytest
 from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 
 from gpu_control import GPUResourceManager
-from ui.blocks import GPU_QUEUE, build_demo
+from pipelines.jobs import JobGate
+from pipelines.media import VideoWriter
+from ui.blocks import GPU_QUEUE, build_demo, make_generate_fn
+from ui.gpu_panel import ToolError
 
 from .helpers import GatedPipeline, get_status, video_facts, wait_for
 from .test_mcp import call
@@ -88,11 +95,114 @@ def test_every_generation_event_shares_the_gpu_slot_and_controls_are_not_queued(
     assert len(generating) == 2  # the Generate button and the example click
     for fn in generating:
         assert (fn.queue, fn.concurrency_id, fn.concurrency_limit) == (True, GPU_QUEUE, 1)
-    controls = [
-        fn for fn in demo.fns.values() if fn.name in {"offload", "release", "preheat", "apply", "current"}
-    ]
-    controls += [
-        fn for fn in demo.fns.values() if fn.api_name in {"get_gpu_status", "offload_gpu", "release_gpu"}
-    ]
-    assert len(controls) == 8
-    assert all(fn.queue is False for fn in controls)
+    others = [fn for fn in demo.fns.values() if fn not in generating]
+    assert {fn.name for fn in others} >= {"offload", "release", "preheat", "apply"}
+    assert {fn.api_name for fn in others} >= {
+        "get_gpu_status",
+        "offload_gpu",
+        "release_gpu",
+        "update_gpu_timeout",
+    }
+    assert [fn.name for fn in others if fn.queue is not False] == []
+
+
+class PartialPipeline(GatedPipeline):
+    """Writes frames until its partial MP4 is on disk, then holds until the test opens ``gate``."""
+
+    frames = 200
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_after: int | None = None
+
+    def generate(self, model: Any, image: Any, audio: Any, options: Any, progress: Any) -> str:
+        self.calls += 1
+        folder = Path(options.output_path).parent
+        with VideoWriter(
+            options.output_path, width=64, height=64, fps=options.fps, audio_rate=None
+        ) as writer:
+            for index in range(self.frames):
+                writer.write_frame(np.full((64, 64, 3), index % 256, np.uint8))
+                progress((index + 1) / self.frames, "Rendering frames")
+                if self.held_after is None and any(folder.glob(".*.part.mp4")):
+                    self.held_after = index + 1
+                    self.generating.set()
+                    assert self.gate is not None and self.gate.wait(30), "the test never opened the gate"
+        return str(options.output_path)
+
+
+@pytest.fixture()
+def held_job(tmp_path):
+    """generate_video around a gate of the test's own, with a pipeline that holds mid-video."""
+    pipeline = PartialPipeline()
+    manager = GPUResourceManager(device="cpu", load_func=pipeline.load, auto_monitor=False)
+    gate = JobGate()
+    return make_generate_fn(manager, pipeline, tmp_path, gate=gate), pipeline, manager, gate, tmp_path
+
+
+def test_a_job_cancelled_at_shutdown_stops_at_its_next_frame_and_leaves_nothing(held_job, inputs):
+    generate, pipeline, manager, gate, folder = held_job
+    pipeline.gate = threading.Event()
+    reports: list[float] = []
+    outcome: dict[str, BaseException] = {}
+
+    def job() -> None:
+        try:
+            generate(
+                str(inputs["image"]),
+                str(inputs["audio"]),
+                fps=25,
+                size=96,
+                progress=lambda fraction, desc=None: reports.append(fraction),
+            )
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        assert pipeline.generating.wait(30), "the partial video never reached the disk"
+        assert [p.name.endswith(".part.mp4") for p in folder.iterdir()] == [True]
+        assert (gate.running, manager.get_status()["in_use"]) == (1, 1)
+        gate.close()
+        gate.cancel()
+    finally:
+        pipeline.gate.set()
+        worker.join(30)
+    assert not worker.is_alive()
+
+    assert isinstance(outcome.get("error"), ToolError), outcome
+    assert str(outcome["error"]) == "The job was cancelled: the server is shutting down. Nothing was kept."
+    held = pipeline.held_after
+    assert held is not None and held < pipeline.frames
+    # waiting, getting the model, then one report per frame up to the hold: the next frame's stopped it
+    assert reports == [0.0, 0.0, *[(i + 1) / pipeline.frames for i in range(held)]]
+    assert list(folder.iterdir()) == []
+    status = manager.get_status()
+    assert (status["in_use"], status["model_location"], gate.running) == (0, "cpu", 0)
+
+
+def test_a_closed_gate_refuses_a_job_before_anything_is_loaded(held_job, inputs):
+    generate, pipeline, manager, gate, folder = held_job
+    gate.close()
+    with pytest.raises(ToolError) as caught:
+        generate(str(inputs["image"]), str(inputs["audio"]), size=96, progress=lambda *a, **k: None)
+    assert str(caught.value) == "The server is shutting down and takes no new jobs; try again in a minute."
+    assert (pipeline.loads, pipeline.calls, manager.get_status()["counts"]["uses"]) == (0, 0, 0)
+    assert list(folder.iterdir()) == []
+
+
+def test_build_demo_runs_jobs_through_the_gate_it_is_given_or_its_own(tmp_path, inputs):
+    pipeline = GatedPipeline()
+    manager = GPUResourceManager(device="cpu", load_func=pipeline.load, auto_monitor=False)
+    gate = JobGate()
+    gate.close()
+    for given, refused in ((gate, True), (None, False)):
+        demo = build_demo(manager, pipeline, output_dir=tmp_path / str(refused), examples=[], gate=given)
+        generate = next(fn.fn for fn in demo.fns.values() if fn.api_name == "generate_video")
+        arguments = {"size": 64, "progress": lambda *a, **k: None}
+        if refused:
+            with pytest.raises(ToolError, match="shutting down"):
+                generate(str(inputs["image"]), str(inputs["audio"]), **arguments)
+        else:
+            assert json.loads(generate(str(inputs["image"]), str(inputs["audio"]), **arguments))["frames"] > 0

@@ -86,6 +86,50 @@ def test_read_image_rejects_an_image_under_64_px(tmp_path: Path) -> None:
         media.read_image(Image.new("RGB", (50, 50)))
 
 
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ((4000, 300), "4000x300 px, 13.3 times as wide as it is tall; a portrait may be at most 4 times"),
+        ((300, 1300), "300x1300 px, 4.3 times as tall as it is wide; a portrait may be at most 4 times"),
+    ],
+)
+def test_read_image_rejects_a_strip_that_would_give_a_useless_video(
+    tmp_path: Path, size: tuple[int, int], message: str
+) -> None:
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (200, 150, 120)).save(path)
+    with pytest.raises(MediaError, match=f"{message}. Crop it around the face."):
+        media.read_image(path)
+    with pytest.raises(MediaError, match=message):
+        media.read_image(Image.new("RGB", size))
+
+
+def test_read_image_accepts_exactly_four_to_one(tmp_path: Path) -> None:
+    path = tmp_path / "banner.png"
+    Image.new("RGB", (256, 64)).save(path)
+    assert media.read_image(path).size == (256, 64)
+    assert media.read_image(Image.new("RGB", (64, 256))).size == (64, 256)
+
+
+def test_messages_name_the_file_but_never_its_folder(tmp_path: Path, example_image: Path) -> None:
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(example_image.read_bytes()[:4000])
+    text = tmp_path / "x.mp4"
+    text.write_text("hello")
+    long_name = tmp_path / ("n" * 200 + ".png")
+    for action, name in [
+        (lambda: media.read_image(tmp_path / "nobody.jpg"), "nobody.jpg"),
+        (lambda: media.read_audio(tmp_path / "gone.wav"), "gone.wav"),
+        (lambda: media.read_image(truncated), "cut.jpg"),
+        (lambda: media.probe_video(text), "x.mp4"),
+        (lambda: media.read_image(long_name), "n" * 57 + "..."),
+    ]:
+        with pytest.raises(MediaError) as caught:
+            action()
+        assert name in str(caught.value)
+        assert str(tmp_path) not in str(caught.value)
+
+
 def test_read_image_rejects_an_image_over_40_megapixels_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "huge.png"
     Image.new("1", (8000, 6000)).save(path)  # 48 MP, a small file
@@ -174,9 +218,16 @@ def test_read_audio_rejects_empty_audio(tmp_path: Path) -> None:
         media.read_audio(path)
 
 
-def test_read_audio_rejects_audio_shorter_than_a_tenth_of_a_second(make_speech) -> None:
-    with pytest.raises(MediaError, match="only 0.050 s long"):
-        media.read_audio((16000, make_speech([("speech", 0.05)])))
+@pytest.mark.parametrize("seconds", [0.05, 0.1, 0.499])
+def test_read_audio_rejects_audio_shorter_than_half_a_second(make_speech, seconds: float) -> None:
+    with pytest.raises(
+        MediaError, match=f"only {seconds:.3f} s long; it must last at least 0.5 s. Record or upload"
+    ):
+        media.read_audio((16000, make_speech([("speech", seconds)])))
+
+
+def test_read_audio_accepts_half_a_second(make_speech) -> None:
+    assert media.read_audio((16000, make_speech([("speech", 0.5)]))).duration == 0.5
 
 
 def test_read_audio_rejects_silent_audio() -> None:
@@ -279,6 +330,21 @@ def test_video_writer_leaves_nothing_behind_when_the_block_fails(tmp_path: Path)
         writer.write_frame(np.zeros((64, 64, 3), np.uint8))
         raise RuntimeError("renderer crashed")
     assert list(path.parent.iterdir()) == []
+
+
+def test_video_writer_deletes_a_partial_file_already_on_disk_when_the_block_fails(tmp_path: Path) -> None:
+    path = tmp_path / "cancelled.mp4"
+    with (
+        pytest.raises(RuntimeError, match="cancelled"),
+        media.VideoWriter(path, width=64, height=64, fps=10) as writer,
+    ):
+        for index in range(500):
+            writer.write_frame(np.full((64, 64, 3), index % 256, np.uint8))
+            if list(tmp_path.glob(".cancelled.*.part.mp4")):
+                break
+        assert [p.name.endswith(".part.mp4") for p in tmp_path.iterdir()] == [True]
+        raise RuntimeError("cancelled")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_video_writer_rejects_odd_sizes_and_wrong_frames(tmp_path: Path) -> None:

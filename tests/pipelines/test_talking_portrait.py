@@ -207,9 +207,9 @@ def test_generate_reports_a_missing_face_in_its_notes(short_speech: Path, tmp_pa
 def test_generate_takes_gradio_numpy_audio(
     example_image: Path, make_speech, to_int16, tmp_path: Path
 ) -> None:
-    stereo = np.stack([to_int16(make_speech([("speech", 1.0)]))] * 2, axis=1)
+    stereo = np.stack([to_int16(make_speech([("speech", 1.5)]))] * 2, axis=1)
     video = _generate(example_image, (44100, stereo), tmp_path / "v.mp4", size=64)
-    assert video.duration_s == pytest.approx(16000 / 44100, abs=1 / FPS)
+    assert video.duration_s == pytest.approx(24000 / 44100, abs=1 / FPS)
 
 
 def test_generate_rejects_bad_inputs(example_image: Path, tmp_path: Path) -> None:
