@@ -1,7 +1,8 @@
 """Talking Portrait: a portrait and a speech track in, a talking video out, on port 7860.
 
-    python app.py [--host 0.0.0.0] [--port 7860] [--idle-timeout 60] [--release-timeout 0]
-                  [--keep-on-gpu] [--device cuda:0] [--pipeline mypkg.module:factory] [--share]
+    python app.py [--host 127.0.0.1] [--port 7860] [--idle-timeout 60] [--release-timeout 0]
+                  [--keep-on-gpu] [--device cuda:0] [--pipeline mypkg.module:factory]
+                  [--control-token-file PATH] [--share]
 
 One FastAPI app serves everything: the REST endpoints (``/gpu/*``, ``/health``, offline
 ``/docs``) are registered first, then the Gradio UI is mounted at ``/`` with its MCP server
@@ -9,8 +10,13 @@ One FastAPI app serves everything: the REST endpoints (``/gpu/*``, ``/health``, 
 
 Settings come from the environment (``GPU_IDLE_TIMEOUT``, ``GPU_RELEASE_TIMEOUT``,
 ``GPU_OFFLOAD_AFTER_USE``, ``GPU_DEVICE``, ``NVIDIA_VISIBLE_DEVICES``,
-``GRADIO_SERVER_NAME``, ``GRADIO_SERVER_PORT``); flags override them. A bad value stops the
-app with one sentence and exit status 2.
+``GRADIO_SERVER_NAME``, ``GRADIO_SERVER_PORT``, ``GPU_CONTROL_TOKEN``, ``ALLOW_URL_INPUTS``,
+``SHUTDOWN_GRACE_S``); flags override them. A bad value stops the app with one sentence and
+exit status 2.
+
+The app listens on 127.0.0.1 unless told otherwise. At SIGTERM or Ctrl+C it takes no new
+jobs, gives the running one ``SHUTDOWN_GRACE_S`` seconds to finish, cancels it after that,
+cuts open event streams (a browser tab's) and exits; partial videos are never left behind.
 """
 
 from __future__ import annotations
@@ -20,35 +26,48 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
+import atexit
+import ipaddress
 import logging
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
+
+import uvicorn
 
 from gpu_control import ControlAccess, GPUResourceManager, InvalidSetting, Settings
-from gpu_control.config import apply_visible_devices, validate_device, validate_timeout
+from gpu_control.config import (
+    MAX_TIMEOUT_S,
+    apply_visible_devices,
+    validate_bool,
+    validate_device,
+    validate_timeout,
+)
+from gpu_control.security import TOKEN_ENV, read_control_token
+from serving import GracefulServer, delete_partial_videos
 
 if TYPE_CHECKING:
-    import uvicorn
     from fastapi import FastAPI
 
     from pipelines import Pipeline
     from pipelines.jobs import JobGate
 
-# Gradio, the pipelines and uvicorn are imported where they are used, so that --help and a
-# bad setting answer in a second instead of after the web stack has loaded.
+# Gradio and the pipelines are imported where they are used, so that --help and a bad
+# setting answer in a second instead of after the web stack has loaded.
 
 logger = logging.getLogger("app")
 
-DEFAULT_HOST = "0.0.0.0"
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 TITLE = "Talking Portrait"
 DEFAULT_KEEP_VIDEOS_HOURS = 24.0
+DEFAULT_SHUTDOWN_GRACE_S = 8.0  # under Docker's 10 s between SIGTERM and SIGKILL
+MAX_SHUTDOWN_GRACE_S = 300.0
 
 
 class ConfigError(ValueError):
@@ -66,6 +85,9 @@ class AppConfig:
     share: bool
     output_dir: Path
     keep_videos_s: float
+    control_token: str | None = field(default=None, repr=False)
+    allow_url_inputs: bool = True
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Talking Portrait: portrait + speech -> talking video, with GPU memory managed by gpu_control.",
     )
     parser.add_argument(
-        "--host", help=f"address to listen on (default: GRADIO_SERVER_NAME or {DEFAULT_HOST})"
+        "--host",
+        help=f"address to listen on, 0.0.0.0 = all (default: GRADIO_SERVER_NAME or {DEFAULT_HOST})",
     )
     parser.add_argument("--port", help=f"port to listen on (default: GRADIO_SERVER_PORT or {DEFAULT_PORT})")
     parser.add_argument(
@@ -103,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
         help="generated videos older than this are deleted, 0 = never (VIDEO_RETENTION_HOURS; 24)",
     )
     parser.add_argument(
+        "--control-token-file",
+        metavar="PATH",
+        help=f"file holding the token that unlocks GPU control (a mounted secret; wins over {TOKEN_ENV})",
+    )
+    parser.add_argument(
         "--share", action="store_true", help="also serve through a temporary public gradio.live link"
     )
     return parser
@@ -125,6 +153,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         argv: the command-line arguments (default: ``sys.argv[1:]``).
         environ: the environment (default: ``os.environ``).
 
+    Returns:
+        The configuration; its ``repr`` never shows the control token.
+
     Raises:
         ConfigError: a value cannot be used; the message names the flag or variable.
         SystemExit: argparse's exit for ``--help`` or an unknown flag (status 2).
@@ -145,14 +176,22 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             settings = settings.with_overrides(offload_after_use=False)
         if args.device is not None:
             settings = settings.with_overrides(device=validate_device("--device", args.device))
+        hours = {"allow_inf": False, "unit": "hours", "maximum": MAX_TIMEOUT_S / 3600}
         if args.keep_videos_hours is not None:
-            keep_hours = validate_timeout("--keep-videos-hours", args.keep_videos_hours, allow_inf=False, unit="hours")
+            keep_hours = validate_timeout("--keep-videos-hours", args.keep_videos_hours, **hours)
         elif env.get("VIDEO_RETENTION_HOURS", "").strip():
-            keep_hours = validate_timeout(
-                "VIDEO_RETENTION_HOURS", env["VIDEO_RETENTION_HOURS"], allow_inf=False, unit="hours"
-            )
+            keep_hours = validate_timeout("VIDEO_RETENTION_HOURS", env["VIDEO_RETENTION_HOURS"], **hours)
         else:
             keep_hours = DEFAULT_KEEP_VIDEOS_HOURS
+        control_token = read_control_token(env, token_file=args.control_token_file)
+        allow_url_inputs = True
+        if env.get("ALLOW_URL_INPUTS", "").strip():
+            allow_url_inputs = validate_bool("ALLOW_URL_INPUTS", env["ALLOW_URL_INPUTS"])
+        grace_s = DEFAULT_SHUTDOWN_GRACE_S
+        if env.get("SHUTDOWN_GRACE_S", "").strip():
+            grace_s = validate_timeout(
+                "SHUTDOWN_GRACE_S", env["SHUTDOWN_GRACE_S"], allow_inf=False, maximum=MAX_SHUTDOWN_GRACE_S
+            )
     except InvalidSetting as error:
         raise ConfigError(str(error)) from None
     output_dir = Path(args.output_dir).resolve()
@@ -177,6 +216,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         share=args.share,
         output_dir=output_dir,
         keep_videos_s=keep_hours * 3600.0,
+        control_token=control_token,
+        allow_url_inputs=allow_url_inputs,
+        shutdown_grace_s=grace_s,
     )
 
 
@@ -190,6 +232,7 @@ def create_app(
     keep_videos_s: float = DEFAULT_KEEP_VIDEOS_HOURS * 3600.0,
     access: ControlAccess | None = None,
     gate: JobGate | None = None,
+    allow_url_inputs: bool = True,
 ) -> FastAPI:
     """Wire the REST endpoints, the offline docs and the Gradio UI with MCP into one app.
 
@@ -202,6 +245,8 @@ def create_app(
         keep_videos_s: generated videos older than this are deleted (0: never).
         access: who may change the GPU state (control token, same origin); None: no token.
         gate: admits jobs and cancels them at shutdown (default: a gate of its own).
+        allow_url_inputs: whether file inputs may be http(s) URLs (never loopback, private
+            or link-local addresses); False refuses them before any lookup or connection.
 
     Returns:
         The FastAPI app, ready for uvicorn.
@@ -209,6 +254,7 @@ def create_app(
     from fastapi import FastAPI
 
     from gpu_control.rest import install_offline_docs, make_router
+    from pipelines.jobs import JobGate
     from ui import appearance, build_demo, mount_demo
 
     out = Path(output_dir).resolve()
@@ -221,8 +267,14 @@ def create_app(
         redoc_url=None,
     )
     access = ControlAccess() if access is None else access
+    gate = JobGate() if gate is None else gate  # one gate for the jobs and the metrics
     app.include_router(make_router(manager, access=access))
     install_offline_docs(app)
+    from gpu_control.metrics import install_metrics
+    from gpu_control.rest import install_method_guard
+
+    install_method_guard(app)  # 405 + Allow on the REST paths, though Gradio is mounted at "/"
+    install_metrics(app, manager, queue_depth=lambda: gate.running)
     demo = build_demo(
         manager,
         pipeline,
@@ -232,9 +284,17 @@ def create_app(
         keep_videos_s=keep_videos_s,
         access=access,
         gate=gate,
+        allow_url_inputs=allow_url_inputs,
     )
     return mount_demo(
-        app, demo, path="/", mcp_server=True, allowed_paths=[str(out)], ssr_mode=False, **appearance()
+        app,
+        demo,
+        path="/",
+        allow_url_inputs=allow_url_inputs,
+        mcp_server=True,
+        allowed_paths=[str(out)],
+        ssr_mode=False,
+        **appearance(),
     )
 
 
@@ -252,6 +312,24 @@ def _open_share_link(server: uvicorn.Server, port: int) -> None:
         logger.warning("Could not open a share link (%s); the app is served locally only.", error)
         return
     logger.info("Public share link (temporary): %s", url.replace("http://", "https://", 1))
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    """``host`` as written in a URL a person can open (every interface: ``localhost``)."""
+    if host in ("0.0.0.0", "::"):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,20 +352,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from pipelines.jobs import JobGate
+
+    delete_partial_videos(config.output_dir)
+    gate = JobGate()
+    locked = config.control_token is not None
     manager.start_monitor()
-    app = create_app(manager, pipeline, output_dir=config.output_dir, keep_videos_s=config.keep_videos_s)
-    shown_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
+    app = create_app(
+        manager,
+        pipeline,
+        output_dir=config.output_dir,
+        keep_videos_s=config.keep_videos_s,
+        access=ControlAccess(config.control_token),
+        gate=gate,
+        allow_url_inputs=config.allow_url_inputs,
+    )
+    loopback = _is_loopback(config.host)
     logger.info(
-        "%s on http://%s:%d  (REST docs: /docs, MCP: /gradio_api/mcp/); pipeline %r on %s, nothing loaded yet",
+        "%s on http://%s:%d (listening on %s, %s; REST docs: /docs, MCP: /gradio_api/mcp/); GPU control %s; "
+        "pipeline %r on %s, nothing loaded yet",
         TITLE,
-        shown_host,
+        _url_host(config.host),
         config.port,
+        config.host,
+        "this machine only" if loopback else "reachable from the network",
+        "locked by the control token" if locked else f"open (no {TOKEN_ENV})",
         pipeline.name,
         manager.device,
     )
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    if not loopback and not locked:
+        logger.warning(
+            "Anyone who can reach %s:%d can offload, release and re-time the GPU: set %s or "
+            "--control-token-file to lock GPU control (status and generation stay open).",
+            config.host,
+            config.port,
+            TOKEN_ENV,
+        )
+    server = GracefulServer(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"),
+        gate=gate,
+        grace_s=config.shutdown_grace_s,
+    )
     if config.share and os.environ.get("SPACE_ID"):
         logger.warning("--share is ignored on Hugging Face Spaces: the Space is already public.")
     elif config.share:
@@ -296,8 +401,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.run()
     finally:
         manager.stop_monitor()
+        delete_partial_videos(config.output_dir)
+    if gate.running:
+        left = gate.running
+        logger.warning("Exiting with %d job(s) that ignored cancellation; nothing they wrote was kept", left)
     return 0 if server.started else 1
 
 
+def _exit_at_once(status: int) -> NoReturn:
+    """Run the exit handlers, then end the process without the interpreter's teardown.
+
+    Everything the app opened is closed by then. Tearing down PyTorch's and Gradio's modules
+    takes seconds on a busy machine, which would push a stop past Docker's 10 s, and a job
+    that ignored cancellation holds a worker thread that the interpreter would wait for.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_at_once(main())

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from pipelines.media import OUTPUT_AUDIO_RATE, VideoWriter, read_audio, read_image
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class GatedPipeline:
@@ -144,3 +150,181 @@ def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> A
 
 def get_status(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/gpu/status", timeout=10).json()
+
+
+class EndlessPipeline:
+    """A job that renders small frames until it is stopped, for the shutdown tests.
+
+    It stops when its progress callback raises (the app cancelling it) or after
+    ``max_seconds``, when it returns the video. Its partial file (``.*.part.mp4``) exists
+    from the first frame on, so a test can wait for it to know that the job runs.
+    """
+
+    name = "test-endless"
+    max_seconds = 60.0
+    ignore_cancel = False
+
+    def load(self) -> nn.Module:
+        return nn.Linear(1, 1)
+
+    def generate(self, model: nn.Module, image: Any, audio: Any, options: Any, progress: Any) -> str:
+        frame = np.zeros((64, 64, 3), dtype=np.uint8)
+        pace = threading.Event()  # never set: spaces the frames out without a busy loop
+        deadline = time.monotonic() + self.max_seconds
+        video = VideoWriter(options.output_path, width=64, height=64, fps=options.fps, audio_rate=None)
+        with video as writer:
+            while time.monotonic() < deadline:
+                writer.write_frame(frame)
+                try:
+                    progress(0.5, "Rendering frames")
+                except Exception:
+                    if not self.ignore_cancel:
+                        raise
+                pace.wait(0.02)
+        return str(options.output_path)
+
+
+class ShortPipeline(EndlessPipeline):
+    """`EndlessPipeline` that finishes its video after two seconds."""
+
+    name = "test-short"
+    max_seconds = 2.0
+
+
+class StubbornPipeline(EndlessPipeline):
+    """`EndlessPipeline` that carries on when cancelled, as a pipeline that never checks would."""
+
+    name = "test-stubborn"
+    ignore_cancel = True
+
+
+def app_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the app's own settings, plus ``extra``."""
+    own = ("GPU_", "GRADIO_SERVER", "ALLOW_URL_INPUTS", "SHUTDOWN_GRACE_S", "VIDEO_RETENTION", "PIPELINE_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(own)}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", **extra)
+    return env
+
+
+class AppProcess:
+    """``python app.py ARGS`` in a subprocess, its output read line by line as it comes.
+
+    The app listens on ``port`` (given as ``GRADIO_SERVER_PORT``); tests reach it on
+    127.0.0.1 only, whatever address it listens on.
+    """
+
+    def __init__(self, args: Sequence[str], *, port: int, env: dict[str, str]) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "app.py", *args],
+            cwd=ROOT,
+            env={**env, "GRADIO_SERVER_PORT": str(port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"app-{port}-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        """Everything the app has written so far (stdout and stderr)."""
+        with self._changed:
+            return "".join(self._lines)
+
+    def wait_for_line(self, needle: str, timeout: float = 60.0) -> str:
+        """The first output line holding ``needle``; fails when the app ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self._lines:
+                    if needle in line:
+                        return line
+                assert not self._ended, f"the app ended without writing {needle!r}:\n{''.join(self._lines)}"
+                left = deadline - time.monotonic()
+                assert left > 0, f"the app did not write {needle!r} in {timeout} s:\n{''.join(self._lines)}"
+                self._changed.wait(left)
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Wait until ``GET /health`` answers 200."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"the app exited while starting:\n{self.output}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the app did not answer in {timeout} s:\n{self.output}"
+            time.sleep(0.1)
+
+    def stop(self, sig: int, timeout: float) -> float:
+        """Send ``sig`` and wait for the process to end; returns the seconds it took."""
+        started = time.monotonic()
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            message = f"the app did not exit within {timeout} s of signal {sig}:\n{self.output}"
+            raise AssertionError(message) from None
+        took = time.monotonic() - started
+        self._reader.join(10)
+        return took
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and collect its output."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        self._reader.join(10)
+        assert not self._reader.is_alive(), "the app's output was not closed"
+
+
+@contextlib.contextmanager
+def app_process(*args: str, **env: str) -> Iterator[AppProcess]:
+    """``python app.py ARGS`` on a free loopback port with ``env`` added; killed at the end if need be."""
+    process = AppProcess(args, port=free_port(), env=app_env(**env))
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses on which some process listens on TCP ``port`` (from ``/proc/net/tcp*``)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as rows:
+            next(rows)
+            for row in rows:
+                local, state = row.split()[1], row.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def upload(url: str, *paths: Path) -> list[dict[str, Any]]:
+    """Upload files to the app's Gradio server; returns their ``FileData`` for API calls."""
+    files = [("files", (path.name, path.read_bytes())) for path in paths]
+    answer = httpx.post(f"{url}/gradio_api/upload", files=files, timeout=30)
+    answer.raise_for_status()
+    return [{"path": path, "meta": {"_type": "gradio.FileData"}} for path in answer.json()]
+

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import os
+import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from app import DEFAULT_PORT, ConfigError, load_config, main
+from gpu_control.security import excerpt
 
-from .helpers import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from .helpers import ROOT, app_env, app_process
 
 
-def test_defaults_listen_on_all_interfaces_port_7860_with_the_seed_policy():
+def test_defaults_listen_on_loopback_port_7860_with_the_seed_policy_and_control_open():
     config = load_config([], {})
-    assert (config.host, config.port, config.pipeline, config.share) == ("0.0.0.0", DEFAULT_PORT, None, False)
+    assert (config.host, config.port, config.pipeline, config.share) == (
+        "127.0.0.1",
+        DEFAULT_PORT,
+        None,
+        False,
+    )
+    assert (config.control_token, config.allow_url_inputs, config.shutdown_grace_s) == (None, True, 8.0)
     settings = config.settings
     assert (settings.idle_timeout, settings.release_timeout, settings.offload_after_use, settings.device) == (
         60.0,
@@ -72,6 +75,22 @@ def test_environment_is_read_and_flags_override_it():
     )
 
 
+def test_control_token_comes_from_the_environment_or_a_file_which_wins(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("  file-token-0123456789\n", encoding="utf-8")
+    assert load_config([], {"GPU_CONTROL_TOKEN": "env-token-0123"}).control_token == "env-token-0123"
+    from_file = load_config(["--control-token-file", str(secret)], {"GPU_CONTROL_TOKEN": "env-token-0123"})
+    assert from_file.control_token == "file-token-0123456789"
+    assert "file-token" not in repr(from_file)
+    assert load_config([], {"GPU_CONTROL_TOKEN": "  "}).control_token is None
+
+
+def test_url_inputs_and_the_shutdown_grace_come_from_the_environment():
+    config = load_config([], {"ALLOW_URL_INPUTS": "false", "SHUTDOWN_GRACE_S": "2.5"})
+    assert (config.allow_url_inputs, config.shutdown_grace_s) == (False, 2.5)
+    assert load_config([], {"ALLOW_URL_INPUTS": "yes", "SHUTDOWN_GRACE_S": "0"}).shutdown_grace_s == 0
+
+
 def test_video_retention_comes_from_the_environment_and_the_flag_overrides_it():
     assert load_config([], {}).keep_videos_s == 24 * 3600
     assert load_config([], {"VIDEO_RETENTION_HOURS": "2"}).keep_videos_s == 2 * 3600
@@ -91,6 +110,15 @@ def test_video_retention_comes_from_the_environment_and_the_flag_overrides_it():
         (["--keep-videos-hours", "-2"], {}, "--keep-videos-hours must be 0 or more hours"),
         ([], {"VIDEO_RETENTION_HOURS": "a day"}, "VIDEO_RETENTION_HOURS must be a number of hours"),
         (["--output-dir", "/proc/no-such-dir"], {}, "--output-dir '/proc/no-such-dir' cannot be created"),
+        (["--keep-videos-hours", "721"], {}, "--keep-videos-hours must be a number of hours from 0 to 720"),
+        ([], {"GPU_CONTROL_TOKEN": "short"}, "GPU_CONTROL_TOKEN must be 8 to 4096 characters long"),
+        ([], {"GPU_CONTROL_TOKEN": "two words here"}, "GPU_CONTROL_TOKEN must be one word without spaces"),
+        (["--control-token-file", "/no/token"], {}, "--control-token-file '/no/token' cannot be read"),
+        ([], {"ALLOW_URL_INPUTS": "maybe"}, "ALLOW_URL_INPUTS must be true or false, not 'maybe'"),
+        ([], {"SHUTDOWN_GRACE_S": "301"}, "SHUTDOWN_GRACE_S must be a number of seconds from 0 to 300"),
+        ([], {"SHUTDOWN_GRACE_S": "-1"}, "SHUTDOWN_GRACE_S must be 0 or more seconds"),
+        ([], {"SHUTDOWN_GRACE_S": "inf"}, "SHUTDOWN_GRACE_S must be a finite number of seconds"),
+        ([], {"SHUTDOWN_GRACE_S": "soon"}, "SHUTDOWN_GRACE_S must be a number of seconds from 0 to 300"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_flag_or_variable(argv, env, needle):
@@ -131,17 +159,19 @@ def test_a_bad_audio_limit_stops_the_app_at_start_up(value, needle, capsys, monk
     assert err.count("\n") == 1
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_", "GRADIO_SERVER"))}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", **extra)
-    return env
+def test_main_refuses_a_token_file_holding_spaces_without_echoing_it(tmp_path, capsys):
+    secret = tmp_path / "token"
+    secret.write_text("my secret passphrase\n", encoding="utf-8")
+    assert main(["--control-token-file", str(secret)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --control-token-file must be one word without spaces or line breaks.\n"
 
 
 def test_python_app_py_with_a_bad_variable_exits_2_without_traceback():
     done = subprocess.run(
         [sys.executable, "app.py"],
         cwd=ROOT,
-        env=_env(GPU_IDLE_TIMEOUT="-5"),
+        env=app_env(GPU_IDLE_TIMEOUT="-5"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -154,37 +184,38 @@ def test_python_app_py_with_a_bad_variable_exits_2_without_traceback():
     assert "Traceback" not in done.stderr
 
 
-def test_python_app_py_serves_rest_ui_and_docs_and_loads_nothing(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--output-dir", str(tmp_path)],
+def test_python_app_py_with_an_unreadable_token_file_exits_2_with_one_sentence(tmp_path):
+    missing = tmp_path / "no-token"
+    done = subprocess.run(
+        [sys.executable, "app.py", "--control-token-file", str(missing)],
         cwd=ROOT,
-        env=_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        env=app_env(GPU_CONTROL_TOKEN="env-token-0123"),
+        capture_output=True,
         text=True,
+        timeout=120,
+        check=False,
     )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                status = httpx.get(f"{url}/gpu/status", timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert status is not None and status.status_code == 200, "the app did not answer in 60 s"
+    assert done.returncode == 2
+    shown = excerpt(str(missing))
+    assert done.stderr == f"error: --control-token-file {shown} cannot be read: No such file or directory.\n"
+    assert done.stdout == ""
+
+
+def test_python_app_py_serves_rest_ui_and_docs_loads_nothing_and_stops_at_sigterm(tmp_path):
+    with app_process("--output-dir", str(tmp_path), GRADIO_SERVER_NAME="127.0.0.1") as app:
+        app.wait_until_serving()
+        status = httpx.get(f"{app.url}/gpu/status", timeout=10)
+        assert status.status_code == 200
         assert status.json()["model_location"] == "unloaded"
         assert status.json()["counts"]["loads"] == 0
         assert status.json()["monitor_running"] is True
-        assert httpx.get(f"{url}/").status_code == 200
-        assert httpx.get(f"{url}/docs").status_code == 200
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert "Traceback" not in output
-    assert f"Talking Portrait on http://127.0.0.1:{port}" in output
+        assert httpx.get(f"{app.url}/").status_code == 200
+        assert httpx.get(f"{app.url}/docs").status_code == 200
+        app.stop(signal.SIGTERM, timeout=30)
+    assert app.process.returncode == 0
+    assert "Traceback" not in app.output
+    assert f"Talking Portrait on http://127.0.0.1:{app.port} (listening on 127.0.0.1" in app.output
+    assert "INFO serving: Shutting down\n" in app.output
 
 
 def test_share_link_is_logged_as_https(monkeypatch, caplog):
