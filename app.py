@@ -27,6 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
 import atexit
+import gc
 import ipaddress
 import logging
 import secrets
@@ -253,7 +254,8 @@ def create_app(
     """
     from fastapi import FastAPI
 
-    from gpu_control.rest import install_offline_docs, make_router
+    from gpu_control.metrics import install_metrics
+    from gpu_control.rest import install_method_guard, install_offline_docs, make_router
     from pipelines.jobs import JobGate
     from ui import appearance, build_demo, mount_demo
 
@@ -270,9 +272,6 @@ def create_app(
     gate = JobGate() if gate is None else gate  # one gate for the jobs and the metrics
     app.include_router(make_router(manager, access=access))
     install_offline_docs(app)
-    from gpu_control.metrics import install_metrics
-    from gpu_control.rest import install_method_guard
-
     install_method_guard(app)  # 405 + Allow on the REST paths, though Gradio is mounted at "/"
     install_metrics(app, manager, queue_depth=lambda: gate.running)
     demo = build_demo(
@@ -388,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.port,
             TOKEN_ENV,
         )
+    # What start-up built (Gradio, PyTorch, the UI) lives as long as the process: keep it out of
+    # Python's automatic full collections, which would otherwise pause every request, status
+    # reads included, for hundreds of milliseconds while they walk it.
+    gc.freeze()
     server = GracefulServer(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"),
         gate=gate,

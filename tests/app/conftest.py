@@ -42,62 +42,59 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"image": make_portrait(folder / "face.png"), "audio": make_speech(folder / "speech.wav")}
 
 
-@pytest.fixture(scope="session")
-def gated_live(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> Iterator[LiveApp]:
-    """The app around a small test pipeline whose generation a test can hold open."""
+def _gated_app(
+    tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path], access: ControlAccess | None
+) -> Iterator[LiveApp]:
+    """Serve the app around a `GatedPipeline` until the session ends."""
     pipeline = GatedPipeline()
     manager = GPUResourceManager(device="cpu", load_func=pipeline.load, name=pipeline.name)
-    output_dir = tmp_path_factory.mktemp("gated-outputs")
-    app = create_app(
-        manager, pipeline, output_dir=output_dir, examples=[[str(inputs["image"]), str(inputs["audio"])]]
-    )
-    with serve(app) as url:
-        yield LiveApp(url, manager, pipeline, output_dir)
-    manager.stop_monitor()
-
-
-@pytest.fixture()
-def gated(gated_live: LiveApp) -> Iterator[LiveApp]:
-    """The gated app, reset to defaults (released, gate open) before and after each test."""
-    gated_live.pipeline.gate = None
-    gated_live.pipeline.generating.clear()
-    _reset(gated_live.manager)
-    yield gated_live
-    if gated_live.pipeline.gate is not None:
-        gated_live.pipeline.gate.set()
-    gated_live.pipeline.gate = None
-    _reset(gated_live.manager)
-
-
-@pytest.fixture(scope="session")
-def locked_live(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> Iterator[LiveApp]:
-    """The gated app with control locked by `CONTROL_TOKEN`."""
-    pipeline = GatedPipeline()
-    manager = GPUResourceManager(device="cpu", load_func=pipeline.load, name=pipeline.name)
-    output_dir = tmp_path_factory.mktemp("locked-outputs")
+    output_dir = tmp_path_factory.mktemp("locked-outputs" if access else "gated-outputs")
     app = create_app(
         manager,
         pipeline,
         output_dir=output_dir,
         examples=[[str(inputs["image"]), str(inputs["audio"])]],
-        access=ControlAccess(CONTROL_TOKEN),
+        access=access,
     )
     with serve(app) as url:
         yield LiveApp(url, manager, pipeline, output_dir)
     manager.stop_monitor()
 
 
+def _fresh(live: LiveApp) -> Iterator[LiveApp]:
+    """``live`` reset to defaults (released, gate open) before and after a test."""
+    live.pipeline.gate = None
+    live.pipeline.generating.clear()
+    _reset(live.manager)
+    yield live
+    if live.pipeline.gate is not None:
+        live.pipeline.gate.set()
+    live.pipeline.gate = None
+    _reset(live.manager)
+
+
+@pytest.fixture(scope="session")
+def gated_live(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> Iterator[LiveApp]:
+    """The app around a small test pipeline whose generation a test can hold open."""
+    yield from _gated_app(tmp_path_factory, inputs, None)
+
+
+@pytest.fixture()
+def gated(gated_live: LiveApp) -> Iterator[LiveApp]:
+    """The gated app, reset to defaults (released, gate open) before and after each test."""
+    yield from _fresh(gated_live)
+
+
+@pytest.fixture(scope="session")
+def locked_live(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> Iterator[LiveApp]:
+    """The gated app with control locked by `CONTROL_TOKEN`."""
+    yield from _gated_app(tmp_path_factory, inputs, ControlAccess(CONTROL_TOKEN))
+
+
 @pytest.fixture()
 def locked(locked_live: LiveApp) -> Iterator[LiveApp]:
     """The locked app, reset to defaults (released, gate open) before and after each test."""
-    locked_live.pipeline.gate = None
-    locked_live.pipeline.generating.clear()
-    _reset(locked_live.manager)
-    yield locked_live
-    if locked_live.pipeline.gate is not None:
-        locked_live.pipeline.gate.set()
-    locked_live.pipeline.gate = None
-    _reset(locked_live.manager)
+    yield from _fresh(locked_live)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,16 @@
-"""Attacks on the REST controls of the real app, over HTTP: token, foreign Origin, cross-site forms.
+"""Attacks on the real app: here the REST controls over HTTP (token, foreign Origin, cross-site forms).
 
 Every refused request is checked twice: its answer (status, header, sentence) and the
 manager's state before and after (nothing moved, no setting changed).
+
+The other attacks live beside this file, one file per surface, so that each stays readable:
+
+- ``test_security_panel.py``: the Gradio API tools and the UI's own (hidden) event routes;
+  MCP tools over streamable HTTP and SSE are in ``test_mcp.py``.
+- ``test_security_files.py``: server files through every file parameter of every route,
+  ``/gradio_api/file=``, URL inputs (``ALLOW_URL_INPUTS``), SSRF to loopback/link-local.
+- ``test_security_app.py``: the real ``python app.py``: default address, token from the
+  environment or a file, SIGTERM with an open event stream and during a job, partial files.
 """
 
 from __future__ import annotations
