@@ -28,7 +28,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import argparse
 import atexit
 import gc
-import ipaddress
 import logging
 import secrets
 import sys
@@ -37,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvicorn
 
@@ -49,7 +48,7 @@ from gpu_control.config import (
     validate_device,
     validate_timeout,
 )
-from gpu_control.security import TOKEN_ENV, read_control_token
+from gpu_control.security import TOKEN_ENV, is_loopback_host, read_control_token
 from serving import GracefulServer, delete_partial_videos
 
 if TYPE_CHECKING:
@@ -273,7 +272,7 @@ def create_app(
     app.include_router(make_router(manager, access=access))
     install_offline_docs(app)
     install_method_guard(app)  # 405 + Allow on the REST paths, though Gradio is mounted at "/"
-    install_metrics(app, manager, queue_depth=lambda: gate.running)
+    install_metrics(app, manager, queue_depth=lambda: gate.running + _waiting_jobs(demo))
     demo = build_demo(
         manager,
         pipeline,
@@ -291,10 +290,20 @@ def create_app(
         path="/",
         allow_url_inputs=allow_url_inputs,
         mcp_server=True,
-        allowed_paths=[str(out)],
+        output_dir=out,
+        output_pattern="talking-*.mp4",
         ssr_mode=False,
         **appearance(),
     )
+
+
+def _waiting_jobs(demo: Any) -> int:
+    """Jobs waiting in Gradio's queue for the GPU slot (``concurrency_id="gpu"``), for /metrics."""
+    from ui.blocks import GPU_QUEUE
+
+    queue = getattr(demo, "_queue", None)
+    waiting = None if queue is None else queue.event_queue_per_concurrency_id.get(GPU_QUEUE)
+    return 0 if waiting is None else len(waiting.queue)
 
 
 def _open_share_link(server: uvicorn.Server, port: int) -> None:
@@ -311,17 +320,6 @@ def _open_share_link(server: uvicorn.Server, port: int) -> None:
         logger.warning("Could not open a share link (%s); the app is served locally only.", error)
         return
     logger.info("Public share link (temporary): %s", url.replace("http://", "https://", 1))
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_host(host: str) -> str:
@@ -356,17 +354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     delete_partial_videos(config.output_dir)
     gate = JobGate()
     locked = config.control_token is not None
+    loopback = is_loopback_host(config.host)  # no token: controls only at a loopback name (DNS rebinding)
     manager.start_monitor()
     app = create_app(
         manager,
         pipeline,
         output_dir=config.output_dir,
         keep_videos_s=config.keep_videos_s,
-        access=ControlAccess(config.control_token),
+        access=ControlAccess(config.control_token, local_only=loopback),
         gate=gate,
         allow_url_inputs=config.allow_url_inputs,
     )
-    loopback = _is_loopback(config.host)
     logger.info(
         "%s on http://%s:%d (listening on %s, %s; REST docs: /docs, MCP: /gradio_api/mcp/); GPU control %s; "
         "pipeline %r on %s, nothing loaded yet",

@@ -90,7 +90,7 @@ def validate_timeout(
     if value is None:
         raise InvalidSetting(f"{name} needs a value: {expected}.")
     if isinstance(value, bool):
-        raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.")
+        raise InvalidSetting(f"{name} must be {expected}, not {str(value).lower()}.")
     if isinstance(value, str):
         text = value.strip()
         never = text.lower() in _NEVER_WORDS
@@ -114,7 +114,7 @@ def validate_timeout(
         raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.")
     if math.isinf(number) and not allow_inf:
         raise InvalidSetting(f"{name} must be a finite number of {unit}, not {excerpt(value)}.")
-    return number
+    return number + 0.0  # -0.0 becomes 0.0
 
 
 def _expected(unit: str, maximum: float, allow_inf: bool) -> str:

@@ -218,6 +218,10 @@ def make_router(
     async def gpu_status() -> JSONResponse:
         return JSONResponse(manager.get_status())
 
+    for path, endpoint in (("/health", health), (f"{prefix}/status", gpu_status)):
+        # uptime probes and `curl -I` ask with HEAD (this FastAPI does not answer HEAD for GET routes)
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
     @control("/offload", "Move the model to the host cache (deferred while a job runs)")
     def gpu_offload() -> JSONResponse:
         return _act(manager, manager.force_offload)
@@ -406,7 +410,7 @@ def apply_settings(
     Args:
         manager: the manager to change.
         timeout: idle seconds on the device before offloading (``"inf"``: never), or None.
-        release_timeout: seconds in the host cache before releasing (0: never), or None.
+        release_timeout: seconds in the host cache before releasing (0 or ``"never"``: never), or None.
         offload_after_use: offload as soon as the last job ends (bool or true/false text), or None.
         names: what the three settings are called where the user typed them (for messages).
 
@@ -417,9 +421,12 @@ def apply_settings(
         InvalidSetting: a value cannot be used (the message names it); nothing was changed.
     """
     idle = None if timeout is None else validate_timeout(names[0], timeout)
-    release = (
-        None if release_timeout is None else validate_timeout(names[1], release_timeout, allow_inf=False)
-    )
+    if isinstance(release_timeout, str) and release_timeout.strip().lower() == "never":
+        release: float | None = 0.0  # the release timeout's "never" is 0, on every interface alike
+    else:
+        release = (
+            None if release_timeout is None else validate_timeout(names[1], release_timeout, allow_inf=False)
+        )
     after_use = None if offload_after_use is None else validate_bool(names[2], offload_after_use)
     messages = []
     if idle is not None:

@@ -15,6 +15,7 @@ Nothing here imports a web framework: headers are any mapping of names to values
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "TOKEN_ENV",
     "ControlAccess",
     "excerpt",
+    "is_loopback_host",
     "read_control_token",
 ]
 
@@ -59,38 +61,65 @@ def read_control_token(
     """The control token: from ``token_file`` when given, else ``GPU_CONTROL_TOKEN``; None when unset.
 
     A token file (a secret mounted by Docker or Kubernetes) holds the token on its first
-    line; surrounding whitespace is ignored.
+    line; a byte-order mark, surrounding whitespace and any further lines are ignored. The
+    token travels in an HTTP header, so it is printable ASCII without spaces.
 
     Raises:
-        InvalidSetting: the file cannot be read or the token is empty, too short (under 8
-            characters), too long or holds whitespace inside.
+        InvalidSetting: the file cannot be read; the token is empty (also a
+            ``GPU_CONTROL_TOKEN`` that is set but blank, e.g. an empty secret: that must not
+            leave control open), too short (under 8 characters) or too long, or holds spaces
+            or characters outside printable ASCII.
     """
     env = os.environ if environ is None else environ
     if token_file is not None:
         source = "--control-token-file"
         try:
-            text = Path(token_file).read_text(encoding="utf-8")
+            text = Path(token_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or "not UTF-8 text"
             raise InvalidSetting(f"{source} {excerpt(str(token_file))} cannot be read: {reason}.") from None
-        token = text.strip()
+        lines = text.strip().splitlines()
+        token = lines[0].strip() if lines else ""
     else:
         source = TOKEN_ENV
         if TOKEN_ENV not in env:
             return None
         token = env[TOKEN_ENV].strip()
-        if not token:
-            return None
     if not token:
-        raise InvalidSetting(f"{source} is empty; put the token on its first line.")
+        raise InvalidSetting(
+            f"{source} is empty: give it a token "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), "
+            f"or leave {TOKEN_ENV} unset to run without one."
+        )
     if any(char.isspace() for char in token):
-        raise InvalidSetting(f"{source} must be one word without spaces or line breaks.")
+        raise InvalidSetting(f"{source} must be one word without spaces.")
+    if not all(" " < char < "\x7f" for char in token):
+        raise InvalidSetting(
+            f"{source} must be printable ASCII (letters, digits, punctuation): "
+            "it is sent in an HTTP header."
+        )
     if not _MIN_TOKEN_CHARS <= len(token) <= _MAX_TOKEN_CHARS:
         raise InvalidSetting(
             f"{source} must be {_MIN_TOKEN_CHARS} to {_MAX_TOKEN_CHARS} characters long "
             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')."
         )
     return token
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or address, with or without a port or brackets) is this machine only."""
+    host = host.strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _lower_keys(headers: Mapping[str, Any] | None) -> dict[str, str]:
@@ -135,14 +164,22 @@ class ControlAccess:
         token: the control token; None leaves control open to every same-origin request.
         allowed_origins: extra origins (``https://example.org``) allowed to send controls,
             e.g. a separate front end; the app's own origin is always allowed.
+        local_only: without a token, accept controls only for requests addressed to this
+            machine by a loopback name (``Host: localhost``, ``127.0.0.1``, ``[::1]``). Set it
+            when the server listens on loopback: a web page that rebinds its own domain to
+            127.0.0.1 (DNS rebinding) is then same-origin, but its requests carry its domain
+            in ``Host``. With a token it changes nothing (the page cannot know the token).
     """
 
-    def __init__(self, token: str | None = None, *, allowed_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, token: str | None = None, *, allowed_origins: tuple[str, ...] = (), local_only: bool = False
+    ) -> None:
         self._token = token.encode("utf-8") if token else None
         self._origins = {netloc for netloc in (_netloc(origin) for origin in allowed_origins) if netloc}
+        self._local_only = local_only
 
     def __repr__(self) -> str:
-        return f"ControlAccess(locked={self.locked})"
+        return f"ControlAccess(locked={self.locked}, local_only={self._local_only})"
 
     @property
     def locked(self) -> bool:
@@ -173,7 +210,8 @@ class ControlAccess:
             candidates.append(credentials.strip())
         ok = False
         for candidate in candidates:
-            ok |= hmac.compare_digest(candidate.encode("utf-8"), self._token)
+            # surrogatepass: a lone surrogate typed into the panel is a wrong token, not a crash
+            ok |= hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), self._token)
         return ok
 
     def authorize(self, headers: Mapping[str, Any] | None, *, token: str | None = None) -> None:
@@ -190,6 +228,13 @@ class ControlAccess:
         if not self.origin_allowed(headers):
             raise ForeignOrigin(
                 "Refused: this control request came from another site's page (its Origin is not this app's)."
+            )
+        host = _lower_keys(headers).get("host")
+        if self._local_only and self._token is None and host is not None and not is_loopback_host(host):
+            raise ForeignOrigin(
+                "Refused: without a control token this app takes GPU controls only at a loopback "
+                f"address (localhost, 127.0.0.1), not at {excerpt(host)}; "
+                f"set {TOKEN_ENV} to control it under another name."
             )
         if not self.token_ok(headers, token):
             raise ControlLocked(

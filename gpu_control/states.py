@@ -89,7 +89,9 @@ def human_bytes(n_bytes: int) -> str:
 
 
 def seconds_text(seconds: float) -> str:
-    """A timeout for a message: ``60 s`` or ``never``."""
+    """A timeout for a message: ``60 s``, ``2592000 s``, ``0.25 s`` or ``never``."""
     if math.isinf(seconds):
         return "never"
-    return f"{seconds:g} s"
+    if float(seconds).is_integer():
+        return f"{int(seconds)} s"
+    return f"{seconds:.6g} s"

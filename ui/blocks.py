@@ -273,41 +273,77 @@ _PHASES = ("validate", "acquire", "generate", "release")
 def cost_html(result: dict[str, Any]) -> str:
     """What a job cost (model acquire, generate, offload seconds) and the video's facts, as HTML.
 
+    The result comes back from the browser, so any of it may be missing or of another kind: a
+    value that is not a finite number of the right kind is shown as an en dash.
+
     Args:
         result: what ``generate_video`` returned, parsed.
+
+    Returns:
+        The card's HTML (every text in it escaped).
     """
-    timings = result.get("timings") or {}
+    result = result if isinstance(result, dict) else {}
+    timings = result.get("timings")
+    timings = timings if isinstance(timings, dict) else {}
     acquire = {"load": "Load model", "restore": "Restore from RAM", "resident": "Model was ready"}
-    release = "Offload to RAM" if result.get("offloaded") else "End of job"
+    acquired_by = result.get("acquired_by")
+    release = "Offload to RAM" if result.get("offloaded") is True else "End of job"
     phases = [
-        (acquire.get(result.get("acquired_by"), "Acquire model"), timings.get("acquire")),
-        ("Generate", timings.get("generate")),
-        (release, timings.get("release")),
+        (
+            acquire.get(acquired_by, "Acquire model") if isinstance(acquired_by, str) else "Acquire model",
+            _number(timings.get("acquire")),
+        ),
+        ("Generate", _number(timings.get("generate"))),
+        (release, _number(timings.get("release"))),
     ]
-    total = sum(seconds for _, seconds in phases if seconds)
+    known = [seconds for _, seconds in phases if seconds is not None]
+    total = sum(known) if known else None
     cells = "".join(
-        f'<div class="tp-phase"><span>{html.escape(name)}</span><b>{format_seconds(seconds) if seconds is not None else "–"}</b></div>'
+        f'<div class="tp-phase"><span>{html.escape(name)}</span><b>{_shown(seconds, format_seconds)}</b></div>'
         for name, seconds in phases
     )
-    cells += f'<div class="tp-phase tp-total"><span>Total</span><b>{format_seconds(total)}</b></div>'
+    cells += f'<div class="tp-phase tp-total"><span>Total</span><b>{_shown(total, format_seconds)}</b></div>'
     inside = [
         f"{html.escape(name)} {format_seconds(seconds)}"
-        for name, seconds in timings.items()
-        if name not in _PHASES
+        for name, seconds in ((name, _number(value)) for name, value in timings.items())
+        if isinstance(name, str) and name not in _PHASES and seconds is not None
     ]
     breakdown = f'<div class="tp-muted">generate = {" · ".join(inside)}</div>' if inside else ""
     facts = (
-        f"{float(result.get('duration_s', 0)):.2f} s of video · {int(result.get('frames', 0))} frames at "
-        f"{html.escape(str(result.get('fps')))} fps · "
-        f"{html.escape(str(result.get('width')))}×{html.escape(str(result.get('height')))} px"
+        f"{_shown(_number(result.get('duration_s')), '{:.2f}'.format)} s of video · "
+        f"{_shown(_number(result.get('frames')), '{:.0f}'.format)} frames at "
+        f"{_shown(_number(result.get('fps')), '{:g}'.format)} fps · "
+        f"{_shown(_number(result.get('width')), '{:.0f}'.format)}×"
+        f"{_shown(_number(result.get('height')), '{:.0f}'.format)} px"
     )
-    notes = "".join(
-        f'<div class="tp-note">{html.escape(str(note))}</div>' for note in result.get("notes") or []
+    notes = result.get("notes")
+    notes_html = "".join(
+        f'<div class="tp-note">{html.escape(note)}</div>'
+        for note in (notes if isinstance(notes, list) else [])
+        if isinstance(note, str)
     )
     return (
         '<div class="tp-cost"><div class="tp-cost-title">What this job cost</div>'
-        f'<div class="tp-phases">{cells}</div>{breakdown}<div class="tp-facts">{facts}</div>{notes}</div>'
+        f'<div class="tp-phases">{cells}</div>{breakdown}<div class="tp-facts">{facts}</div>{notes_html}</div>'
     )
+
+
+def _number(value: Any) -> float | None:
+    """A finite number of 0 or more from a result (not a flag, not text); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _shown(value: float | None, form: Any) -> str:
+    """``value`` written by ``form`` (from a billion on in 3 digits), or an en dash when there is none."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return str(form(value)) if value < 1e9 else f"{value:.3g}"
 
 
 def _result_shower(output_dir: Path) -> Any:
@@ -321,20 +357,32 @@ def _result_shower(output_dir: Path) -> Any:
     def show_result(result_json: str) -> tuple[str, str]:
         try:
             result = json.loads(result_json)
-            video = folder / Path(str(result["video_path"])).name
-            card = cost_html(result)
-        except (TypeError, ValueError, KeyError, AttributeError) as error:
+        except (TypeError, ValueError, RecursionError) as error:
             raise ToolError(
                 "That is not a result of generate_video; generate a video first.", print_exception=False
             ) from error
-        if not (video.name.startswith("talking-") and video.suffix == ".mp4" and video.is_file()):
+        if not isinstance(result, dict) or not isinstance(result.get("video_path"), str):
+            raise ToolError(
+                "That is not a result of generate_video; generate a video first.", print_exception=False
+            )
+        name = Path(result["video_path"]).name
+        video = folder / name
+        if not (name.startswith("talking-") and name.endswith(".mp4") and _is_file(video)):
             raise ToolError(
                 "That video is not on the server (old videos are deleted); generate it again.",
                 print_exception=False,
             )
-        return str(video), card
+        return str(video), cost_html(result)
 
     return show_result
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (False for a name the system cannot take)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _mouth_from_click(image_path: str | None, event: gr.SelectData) -> str:
@@ -371,7 +419,7 @@ def build_demo(
         manager: owns the model's GPU-memory lifecycle.
         pipeline: turns a portrait and a speech track into a video.
         output_dir: where videos are written (default: ``outputs/`` in the working folder).
-            Serve it by passing it in ``allowed_paths`` when mounting.
+            Serve its videos by passing it as ``output_dir`` to `ui.mount_demo`.
         examples: ``[[image, audio], ...]`` shown under the inputs (default: `example_rows()`).
         refresh_seconds: how often the GPU panel refreshes.
         keep_videos_s: how long generated videos (and Gradio's cached copies) are kept (0: always).
@@ -382,7 +430,7 @@ def build_demo(
 
     Returns:
         The Blocks; mount it with ``ui.mount_demo(app, demo, path="/", mcp_server=True,
-        allowed_paths=[output_dir], **appearance())``.
+        output_dir=output_dir, output_pattern="talking-*.mp4", **appearance())``.
     """
     out = Path(output_dir) if output_dir is not None else Path.cwd() / "outputs"
     out.mkdir(parents=True, exist_ok=True)

@@ -9,23 +9,30 @@
   URL to a private address, an unreadable image) is answered with a sentence instead of
   Gradio's dump of server paths and object reprs. Gradio's upload check stays the one that
   decides which files are allowed.
-- its MCP server: arguments that do not fit a tool's schema get a sentence with a short
-  excerpt; file arguments are data: URIs or http(s) URLs (when allowed), never objects with a
-  server path, which Gradio's MCP client would upload from the server's own disk.
+- its MCP server: arguments that do not fit a tool's schema (an unknown name included) get a
+  sentence with a short excerpt; file arguments are data: URIs or http(s) URLs (when allowed),
+  never objects with a server path, which Gradio's MCP client would upload from the server's
+  own disk. A URL of this server's own ``/gradio_api/file=<path>`` route naming a file in
+  Gradio's upload folder (what Gradio's ``upload_file_to_gradio`` tool returns) is taken as
+  that uploaded file, without a connection; the tool descriptions say how to pass files.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import inspect
 import json
 import logging
+import os
 import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import gradio as gr
 from gradio import utils as gradio_utils
 from gradio.exceptions import ComponentProcessingError, InvalidPathError
+from gradio_client import handle_file
 
 from gpu_control.security import excerpt
 
@@ -45,17 +52,19 @@ _UPLOAD_HOW = (
 )
 
 
-def guard_inputs(demo: gr.Blocks, *, allow_url_inputs: bool = True) -> None:
+def guard_inputs(demo: gr.Blocks, *, allow_url_inputs: bool = True, api_prefix: str = "/gradio_api/") -> None:
     """Guard the inputs of ``demo`` (call it once, after mounting, when the MCP server exists).
 
     Args:
         demo: the mounted Blocks.
         allow_url_inputs: whether http(s) URLs are accepted as file inputs (Gradio then fetches
             them, never from loopback, private or link-local addresses).
+        api_prefix: where Gradio's API is served, e.g. ``/gradio_api/`` (for the URLs of this
+            server's own files).
     """
     _guard_preprocessing(demo, allow_url_inputs=allow_url_inputs)
     if demo.mcp_server_obj is not None:
-        _guard_mcp(demo.mcp_server_obj, allow_url_inputs=allow_url_inputs)
+        _guard_mcp(demo.mcp_server_obj, allow_url_inputs=allow_url_inputs, file_route=api_prefix + "file=")
 
 
 def _guard_preprocessing(demo: gr.Blocks, *, allow_url_inputs: bool) -> None:
@@ -77,15 +86,13 @@ def _guard_preprocessing(demo: gr.Blocks, *, allow_url_inputs: bool) -> None:
 
 
 def _input_names(block_fn: Any) -> list[str]:
-    """How messages name each input: its API parameter name and its label, e.g. ``'image' (Portrait)``."""
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(block_fn.fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        params = []
+    """How messages name each input: its API parameter name and its label, e.g. ``'image' (Portrait)``.
+
+    The parameters Gradio fills in itself (``gr.Request``, ``gr.Progress``, event data, …) are
+    not inputs and are skipped.
+    """
+    fn = getattr(block_fn, "fn", None)
+    params = [p.name for p in gradio_utils.get_positional_input_parameters(fn)] if callable(fn) else []
     names = []
     for index, block in enumerate(block_fn.inputs):
         label = getattr(block, "label", None)
@@ -162,7 +169,8 @@ def _check_inputs(block_fn: Any, inputs: Any, names: list[str], *, allow_url_inp
         got = len(inputs) if isinstance(inputs, list) else 0
         listed = ", ".join(names[i] for i in range(wanted))
         raise gr.Error(
-            f"This call takes {wanted} input value(s), in this order: {listed}; {got} were sent.",
+            f"This call takes {wanted} input value(s), in this order: {listed}; "
+            f"{got} {'was' if got == 1 else 'were'} sent.",
             print_exception=False,
         )
     for index, block in enumerate(block_fn.inputs):
@@ -249,19 +257,43 @@ def _uploaded(path: Any) -> bool:
 # ---------------------------------------------------------------------------------- MCP
 
 
-def _guard_mcp(gradio_mcp: Any, *, allow_url_inputs: bool) -> None:
+_FILES_SENTENCE = {
+    True: (
+        " Pass each file as a data: URI (data:<mime type>;base64,...) or as an http(s) URL of a public"
+        " file; to pass a local file, upload it to this app with the upload_file_to_gradio tool,"
+        " if present, and pass the URL that tool returns."
+    ),
+    False: " Pass each file as a data: URI (data:<mime type>;base64,...); this server does not take file URLs.",
+}
+"""What the tool descriptions say about files, instead of Gradio's sentence (by ``allow_url_inputs``)."""
+
+
+def _guard_mcp(gradio_mcp: Any, *, allow_url_inputs: bool, file_route: str = "/gradio_api/file=") -> None:
     """Check MCP tool arguments before the MCP SDK and Gradio's MCP server see them.
 
     The SDK's own answer to a value of the wrong type echoes the whole value (a 10 MB string
-    included), Gradio echoes an unknown tool's name whole, and Gradio's MCP client uploads the
-    server's own file for an argument shaped like a Gradio file object.
+    included), Gradio echoes an unknown tool's or argument's name whole, and Gradio's MCP
+    client uploads the server's own file for an argument shaped like a Gradio file object.
+    Gradio's description of file-taking tools asks for "the returned path" of its upload tool,
+    which is a URL of this server that its URL check refuses as a local address: such a URL is
+    taken as the uploaded file instead, and the description says what is accepted.
     """
     from mcp import types
 
     convert = gradio_mcp.convert_strings_to_filedata
+    describe = gradio_mcp.get_fn_description
+    gradio_sentence = gradio_mcp._file_data_tool_description
+
+    def get_fn_description(block_fn: Any, tool_name: str) -> tuple[str, dict[str, str]]:
+        description, parameters = describe(block_fn, tool_name)
+        ours = _FILES_SENTENCE[allow_url_inputs]
+        return description.replace(gradio_sentence + ".", ours).replace(gradio_sentence, ours), parameters
 
     def convert_strings_to_filedata(value: Any, filedata_positions: list[list[Any]]) -> Any:
         check_mcp_arguments(value, filedata_positions, allow_url_inputs=allow_url_inputs)
+        value, filedata_positions = _take_own_uploads(
+            value, filedata_positions, _own_hosts(gradio_mcp), file_route
+        )
         try:
             return convert(value, filedata_positions)
         except Exception as error:  # noqa: BLE001 - a bad data: URI becomes a sentence
@@ -270,6 +302,7 @@ def _guard_mcp(gradio_mcp: Any, *, allow_url_inputs: bool) -> None:
                 "A file argument could not be decoded: send it as data:<mime type>;base64,<the file's bytes in base64>."
             ) from None
 
+    gradio_mcp.get_fn_description = get_fn_description
     gradio_mcp.convert_strings_to_filedata = convert_strings_to_filedata
     handler = gradio_mcp.mcp_server.request_handlers.get(types.CallToolRequest)
     if handler is None:
@@ -289,6 +322,103 @@ def _guard_mcp(gradio_mcp: Any, *, allow_url_inputs: bool) -> None:
     gradio_mcp.mcp_server.request_handlers[types.CallToolRequest] = call_tool
 
 
+def _own_hosts(gradio_mcp: Any) -> set[tuple[str, int | None]]:
+    """(host, port) pairs naming this server: the MCP request's Host, X-Forwarded-Host, loopback on its port."""
+    try:
+        request = gradio_mcp.mcp_server.request_context.request
+    except LookupError:
+        request = None
+    headers = getattr(request, "headers", None) or {}
+    named = [headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0]]
+    if gradio_mcp.local_url:  # pinned by `ui.mount`: http://<address>:<port>/
+        port = urlsplit(gradio_mcp.local_url).port
+        named += [f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")]
+    hosts: set[tuple[str, int | None]] = set()
+    for name in named:
+        try:
+            parts = urlsplit(f"//{name.strip()}")
+            if parts.hostname:
+                hosts.add((parts.hostname, parts.port))
+        except ValueError:  # a port that is not a number names nothing
+            continue
+    return hosts
+
+
+def _own_upload(name: str, url: str, own_hosts: set[tuple[str, int | None]], file_route: str) -> Path | None:
+    """The file in Gradio's upload folder that ``url`` names on this server's file route.
+
+    Returns:
+        The file (links resolved); None when ``url`` is not a URL of this server's file route.
+
+    Raises:
+        ValueError: when it is, but names no file uploaded to this server.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    ours = (parts.hostname, port) in own_hosts or (
+        port in (None, default) and (parts.hostname, None) in own_hosts
+    )
+    route = file_route.lstrip("/")
+    if not ours or f"/{route}" not in parts.path:
+        return None
+    named = unquote(parts.path.split(f"/{route}", 1)[1])
+    upload_folder = Path(gradio_utils.get_upload_folder()).resolve()
+    try:
+        found = Path(os.path.abspath(named)).resolve()
+        uploaded = found.is_relative_to(upload_folder) and found != upload_folder and found.is_file()
+    except (OSError, ValueError, RuntimeError):
+        uploaded = False
+    if not uploaded:
+        raise ValueError(
+            f"Argument '{name}': {excerpt(url)} names a file of this server that was not uploaded to it; "
+            "upload the file (the upload_file_to_gradio tool, or POST /gradio_api/upload) and pass the URL "
+            "of the upload, or send the file as a data: URI."
+        )
+    return found
+
+
+def _take_own_uploads(
+    value: Any,
+    filedata_positions: list[list[Any]],
+    own_hosts: set[tuple[str, int | None]],
+    file_route: str,
+) -> tuple[Any, list[list[Any]]]:
+    """Replace URLs of this server's uploads in MCP arguments by those files (Gradio file objects).
+
+    Returns:
+        The arguments (a copy when something was replaced) and the positions still to convert.
+    """
+    found = {}
+    for index, position in enumerate(filedata_positions):
+        node = _node_at(value, position)
+        name = ".".join(str(key) for key in position)
+        upload = _own_upload(name, node, own_hosts, file_route) if _is_url(node) else None
+        if upload is not None:
+            found[index] = upload
+    if not found:
+        return value, filedata_positions
+    value = copy.deepcopy(value)
+    for index, upload in found.items():
+        *parents, last = filedata_positions[index]
+        _node_at(value, parents)[last] = handle_file(str(upload))
+    return value, [position for index, position in enumerate(filedata_positions) if index not in found]
+
+
+def _node_at(value: Any, position: list[Any]) -> Any:
+    """The item of ``value`` at ``position`` (keys and indices); None when there is none."""
+    node = value
+    for key in position:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
 def check_mcp_arguments(value: Any, filedata_positions: list[list[Any]], *, allow_url_inputs: bool) -> None:
     """Refuse file objects anywhere in MCP tool arguments, and file arguments that are not data: or URLs.
 
@@ -306,13 +436,7 @@ def check_mcp_arguments(value: Any, filedata_positions: list[list[Any]], *, allo
             "not as objects with a server path."
         )
     for position in filedata_positions:
-        node: Any = value
-        for key in position:
-            try:
-                node = node[key]
-            except (KeyError, IndexError, TypeError):
-                node = None
-                break
+        node = _node_at(value, position)
         if node is None:
             continue
         name = ".".join(str(key) for key in position)
@@ -371,6 +495,11 @@ def mcp_argument_problem(
         schema, filedata_positions = gradio_mcp.get_input_schema(tool)
     except (ValueError, KeyError, AssertionError):
         return f"There is no tool {excerpt(tool)}; the tools/list request names the tools."
+    known = list(schema.get("properties", {}))
+    unknown = next((name for name in arguments if name not in known), None)
+    if unknown is not None:
+        takes = ", ".join(f"'{name}'" for name in known) or "no arguments"
+        return f"Tool '{tool}' has no argument {excerpt(unknown)}; it takes {takes}."
     try:
         check_mcp_arguments(arguments, filedata_positions, allow_url_inputs=allow_url_inputs)
     except ValueError as error:

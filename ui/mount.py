@@ -1,7 +1,7 @@
 """Mount a Gradio Blocks app on a FastAPI app with Gradio's file checks on and its inputs guarded.
 
     app.include_router(make_router(manager, access=access))   # REST first
-    app = mount_demo(app, demo, path="/", mcp_server=True, allowed_paths=[output_dir])
+    app = mount_demo(app, demo, path="/", mcp_server=True, output_dir=out, output_pattern="talking-*.mp4")
 
 What `mount_demo` adds to ``gr.mount_gradio_app()`` (Gradio 6.31), for any Blocks:
 
@@ -11,6 +11,12 @@ What `mount_demo` adds to ``gr.mount_gradio_app()`` (Gradio 6.31), for any Block
   copy. Marking the Blocks launched turns Gradio's own check back on (it resolves ``..`` and
   symlinks); nothing here replaces it. `ui.input_guard` makes sure every file input reaches
   that check.
+- **Only the files the app wrote from its output folder.** ``output_dir`` is served, but
+  ``GET /gradio_api/file=<path>`` (and ``/file/<path>``) of anything that lies in it, by name or
+  once links are resolved, answers 404 unless it is a regular file inside it whose path there
+  matches ``output_pattern`` and has no part starting with ``.``: no ``.env``, token file or
+  source file of a folder that happens to be the output folder. A link out of the folder stays
+  refused (Gradio's own check).
 - **No fetching on behalf of a caller.** ``GET /gradio_api/file=<url>`` (and ``/file/<url>``,
   URL-encoded or not) is refused before Gradio would fetch the URL itself. Gradio's MCP
   loopback client is pinned to this server, as ``launch()`` does, instead of to whatever host
@@ -30,8 +36,10 @@ What `mount_demo` adds to ``gr.mount_gradio_app()`` (Gradio 6.31), for any Block
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -44,10 +52,12 @@ from .input_guard import guard_inputs
 
 __all__ = [
     "FILE_URL_REFUSED",
+    "OUTPUT_FILE_REFUSED",
     "GradioRouteGuard",
     "call_problem",
     "mount_demo",
     "names_a_url",
+    "output_file_allowed",
     "stream_problem",
 ]
 
@@ -61,11 +71,21 @@ _URL_LIKE = re.compile(r"^\s*(?:[a-z][a-z0-9+.\-]*:)?[\\/]{2}", re.IGNORECASE)
 FILE_URL_REFUSED = (
     "This route serves the app's own files, never URLs: download a remote file from its own address."
 )
+OUTPUT_FILE_REFUSED = (
+    "This app serves only the files it wrote from its output folder, and this is not one of them."
+)
 UNEXPECTED = "The server could not complete this call; the details are in its log."
 
 
 def mount_demo(
-    app: FastAPI, demo: gr.Blocks, *, path: str = "/", allow_url_inputs: bool = True, **kwargs: Any
+    app: FastAPI,
+    demo: gr.Blocks,
+    *,
+    path: str = "/",
+    allow_url_inputs: bool = True,
+    output_dir: str | Path | None = None,
+    output_pattern: str = "*.mp4",
+    **kwargs: Any,
 ) -> FastAPI:
     """``gr.mount_gradio_app(app, demo, path, **kwargs)`` with Gradio's file checks on and inputs guarded.
 
@@ -77,18 +97,31 @@ def mount_demo(
         allow_url_inputs: whether file inputs may be http(s) URLs (Gradio fetches them and
             never from loopback, private or link-local addresses); False refuses them before
             any lookup or connection.
+        output_dir: the folder the app writes its results to, served at
+            ``/gradio_api/file=<path>`` (added to ``allowed_paths``), but only for the files
+            that match ``output_pattern``; None: no output folder.
+        output_pattern: a glob, relative to ``output_dir``, of the files served from it
+            (``talking-*.mp4``: only those directly in it); a path with a part that starts with
+            ``.`` is never served.
         **kwargs: passed to ``gr.mount_gradio_app`` (``mcp_server``, ``allowed_paths``, …);
-            ``show_error`` defaults to False.
+            ``show_error`` defaults to False. Do not list ``output_dir`` (or a folder that
+            holds it) in ``allowed_paths`` for it: that would serve all of it.
 
     Returns:
         The FastAPI app, ready for uvicorn.
     """
     kwargs.setdefault("show_error", False)
+    output = None
+    if output_dir is not None:
+        output = Path(os.path.abspath(output_dir))
+        kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or []), str(output)]
     api_prefix = path.rstrip("/") + "/gradio_api/"
-    app.add_middleware(GradioRouteGuard, api_prefix=api_prefix, demo=demo)
+    app.add_middleware(
+        GradioRouteGuard, api_prefix=api_prefix, demo=demo, output_dir=output, output_pattern=output_pattern
+    )
     mounted = gr.mount_gradio_app(app, demo, path=path, **kwargs)
     demo.has_launched = True  # Gradio checks file inputs only for launched Blocks
-    guard_inputs(demo, allow_url_inputs=allow_url_inputs)
+    guard_inputs(demo, allow_url_inputs=allow_url_inputs, api_prefix=api_prefix)
     return mounted
 
 
@@ -98,22 +131,35 @@ def mount_demo(
 class GradioRouteGuard:
     """ASGI middleware in front of Gradio's API routes (see the module's docstring).
 
-    Refuses ``/gradio_api/file=<url>``, answers a direct call refused with a ``gr.Error`` 422,
-    serves ``/gradio_api/mcp`` like ``/gradio_api/mcp/`` and pins Gradio's MCP loopback client.
+    Refuses ``/gradio_api/file=<url>`` and the files of the output folder the app did not
+    write, answers a direct call refused with a ``gr.Error`` 422, serves ``/gradio_api/mcp``
+    like ``/gradio_api/mcp/`` and pins Gradio's MCP loopback client.
 
     Args:
         app: the wrapped ASGI app.
         api_prefix: where Gradio's API lives, e.g. ``/gradio_api/``.
         demo: the mounted Blocks (for its MCP server).
+        output_dir: the output folder (see `output_file_allowed`); None: no output folder.
+        output_pattern: the glob of the files served from ``output_dir``.
     """
 
-    def __init__(self, app: Any, *, api_prefix: str = "/gradio_api/", demo: gr.Blocks | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        api_prefix: str = "/gradio_api/",
+        demo: gr.Blocks | None = None,
+        output_dir: Path | None = None,
+        output_pattern: str = "*.mp4",
+    ) -> None:
         self.app = app
         self.api_prefix = api_prefix
         self.demo = demo
+        self.output_dir = output_dir
+        self.output_pattern = output_pattern
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
+        path = _route_path(scope) if scope["type"] == "http" else ""
         if not path.startswith(self.api_prefix):
             await self.app(scope, receive, send)
             return
@@ -121,10 +167,17 @@ class GradioRouteGuard:
         if rest.startswith("mcp"):
             self._pin_mcp_loopback(scope)
             if rest == "mcp":  # a client that drops the trailing slash gets the endpoint, not a redirect
-                scope = {**scope, "path": path + "/", "raw_path": (path + "/").encode()}
-        if rest.startswith(("file=", "file/")) and names_a_url(rest[5:]):
-            await _answer(send, 403, {"detail": FILE_URL_REFUSED})
-            return
+                full = scope["path"] + "/"
+                scope = {**scope, "path": full, "raw_path": full.encode()}
+        if rest.startswith(("file=", "file/")):
+            if names_a_url(rest[5:]):
+                await _answer(send, 403, {"detail": FILE_URL_REFUSED})
+                return
+            if self.output_dir is not None and not output_file_allowed(
+                rest[5:], self.output_dir, self.output_pattern
+            ):
+                await _answer(send, 404, {"detail": OUTPUT_FILE_REFUSED})
+                return
         method = scope.get("method")
         if method == "GET" and (rest == "queue/data" or rest.startswith("call/")):
             problem = stream_problem(
@@ -158,6 +211,52 @@ class GradioRouteGuard:
         host = f"[{host}]" if ":" in host else host
         mount = self.api_prefix[: -len("gradio_api/")]
         server._local_url = f"http://{host}:{port}{mount}"
+
+
+def output_file_allowed(target: str, output_dir: Path, pattern: str) -> bool:
+    """Whether ``GET /gradio_api/file=<target>`` may go on to Gradio, as far as the output folder goes.
+
+    ``target`` is taken as Gradio takes it (made absolute, ``..`` folded, links resolved). One
+    that is in ``output_dir`` by name or once resolved may go on only when it resolves to a
+    regular file inside the folder and both forms match ``pattern`` (relative to the folder)
+    with no part starting with ``.``; one that is neither is left to Gradio's own checks.
+
+    Args:
+        target: the path after ``file=``, URL-decoded.
+        output_dir: the output folder (an absolute path).
+        pattern: the glob of the files served from it.
+
+    Returns:
+        False for a path in the output folder that is not to be served (or that cannot be
+        resolved); True otherwise.
+    """
+    try:
+        given = Path(os.path.abspath(target))
+        real = given.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: nothing to serve
+        return False
+    resolved = output_dir.resolve()
+    inside = [
+        place.relative_to(folder)
+        for place in (given, real)
+        for folder in {output_dir, resolved}
+        if place.is_relative_to(folder)
+    ]
+    if not inside:
+        return True
+    if not real.is_relative_to(resolved):
+        return False  # a link out of the output folder
+    wanted = len(Path(pattern).parts)
+    for relative in inside:
+        parts = relative.parts
+        if not parts or any(part.startswith(".") for part in parts):
+            return False
+        if len(parts) != wanted or not relative.match(pattern):
+            return False
+    try:
+        return real.is_file()
+    except OSError:
+        return False
 
 
 def names_a_url(text: str) -> bool:
@@ -254,6 +353,15 @@ def stream_problem(demo: gr.Blocks | None, rest: str, query: dict[str, list[str]
     if session in queue.pending_messages_per_session:
         return None
     return f"There is no job {excerpt(event_id)} waiting for its results; start one with POST /gradio_api/call/<endpoint>."
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path as Starlette routes it: without the app's ``root_path``."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
 
 
 def _session_fns(demo: gr.Blocks, session_hash: Any) -> dict[int, Any]:

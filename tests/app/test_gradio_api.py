@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 
+import gradio as gr
 import httpx
+import numpy as np
 import pytest
+from fastapi import FastAPI
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from pipelines.media import VideoWriter
+from ui import mount_demo
 from ui.blocks import example_rows
+from ui.mount import UNEXPECTED
 
-from .helpers import get_status, make_speech, video_facts
+from .helpers import get_status, make_speech, serve, video_facts
 
 
 def test_generate_video_from_the_first_example_with_the_builtin_pipeline(real_live):
@@ -263,3 +271,85 @@ def test_bad_calls_to_gradios_routes_are_4xx_sentences_never_5xx(gated):
         json={"fn_index": ids["load_example"], "data": [0], "session_hash": "s"},
     )
     assert works.status_code == 200 and works.json()["data"][0]["value"]["path"].startswith("/")
+
+
+def test_a_wrong_count_of_inputs_names_the_inputs_not_the_request(gated):
+    """``gr.Request`` (and ``gr.Progress``, event data) are filled in by Gradio: they are not inputs."""
+    listed = "'timeout_seconds' (1st), 'release_timeout_seconds' (2nd), 'offload_after_use' (3rd)"
+    for data, sent in (([60, "never"], "2 were sent"), ([60], "1 was sent")):
+        answer = httpx.post(f"{gated.url}/gradio_api/run/update_gpu_timeout", json={"data": data}, timeout=30)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"] == f"This call takes 3 input value(s), in this order: {listed}; {sent}."
+    answer = httpx.post(f"{gated.url}/gradio_api/run/generate_video", json={"data": [None]}, timeout=30)
+    assert answer.json()["error"].startswith(
+        "This call takes 9 input value(s), in this order: 'image' (Portrait), 'audio' (Speech), "
+    )
+    assert answer.json()["error"].endswith(", 'mouth' (Mouth position (x,y)); 1 was sent.")
+    assert gated.manager.idle_timeout == 60.0
+
+
+def _a_video(folder: Path) -> Path:
+    """A real, small video in the app's output folder, named as the app names its videos."""
+    path = folder / f"talking-test-{uuid.uuid4().hex[:8]}.mp4"
+    with VideoWriter(path, width=64, height=64, fps=10, audio_rate=None) as writer:
+        writer.write_frame(np.zeros((64, 64, 3), dtype=np.uint8))
+    return path
+
+
+def test_the_result_display_takes_any_json_without_a_5xx(gated):
+    """``show_result`` gets generate_video's JSON back from the browser, so from anyone."""
+    video = _a_video(gated.output_dir)
+    shown = [
+        ('"frames": 1e309', "– frames"),
+        ('"frames": -1e309, "duration_s": NaN', "– s of video · – frames"),
+        ('"frames": "many", "fps": [25], "width": {"a": 1}, "height": true', "– frames at – fps · –×– px"),
+        ('"frames": 1' + "0" * 400, "– frames"),
+        ('"timings": {"acquire": Infinity, "generate": "fast"}, "acquired_by": [1]', "<b>–</b>"),
+        ('"notes": "a text", "timings": [1]', "What this job cost"),
+    ]
+    not_a_result = "That is not a result of generate_video; generate a video first."
+    not_there = "That video is not on the server (old videos are deleted); generate it again."
+    refused = [
+        ("[1, 2]", not_a_result),
+        ('"text"', not_a_result),
+        ("[" * 100_000 + "]" * 100_000, not_a_result),
+        ("1" * 5000, not_a_result),
+        ('{"video_path": 5}', not_a_result),
+        ('{"frames": 3}', not_a_result),
+        (json.dumps({"video_path": "talking-" + "a" * 300 + ".mp4"}), not_there),
+        (json.dumps({"video_path": "talking-\u0000.mp4"}), not_there),
+        (json.dumps({"video_path": str(gated.output_dir)}), not_there),
+    ]
+    try:
+        for fields, needle in shown:
+            text = '{"video_path": ' + json.dumps(str(video)) + ", " + fields + "}"
+            answer = httpx.post(f"{gated.url}/gradio_api/run/show_result", json={"data": [text]}, timeout=30)
+            assert answer.status_code == 200, (fields, answer.text)
+            played, card = answer.json()["data"]
+            assert played["orig_name"] == video.name and needle in card, (fields, card)
+        for text, sentence in refused:
+            answer = httpx.post(f"{gated.url}/gradio_api/run/show_result", json={"data": [text]}, timeout=30)
+            assert (answer.status_code, answer.json()["error"]) == (422, sentence), text[:80]
+    finally:
+        video.unlink()
+
+
+def test_an_unexpected_exception_never_reaches_the_client(tmp_path):
+    """``mount_demo`` turns Gradio's ``show_error`` off: the text of a bug's exception stays in the log."""
+    secret = "/srv/secret/path details"
+
+    def explode(text: str) -> str:
+        raise RuntimeError(secret)
+
+    with gr.Blocks() as demo:
+        box = gr.Textbox()
+        gr.Button().click(explode, inputs=box, outputs=box, api_name="explode")
+    app = mount_demo(FastAPI(), demo, path="/")
+    with serve(app) as url:
+        direct = httpx.post(f"{url}/gradio_api/run/explode", json={"data": ["x"]}, timeout=30)
+        joined = httpx.post(f"{url}/gradio_api/call/explode", json={"data": ["x"]}, timeout=30)
+        stream = httpx.get(f"{url}/gradio_api/call/explode/{joined.json()['event_id']}", timeout=30)
+    assert (direct.status_code, direct.json()) == (500, {"error": UNEXPECTED})
+    assert stream.status_code == 200
+    assert stream.text.strip() == 'event: error\ndata: {"error": null}'
+    assert "secret" not in direct.text + stream.text

@@ -11,14 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
+from gradio_client.utils import encode_file_path
 from mcp import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 from gpu_control.errors import ControlLocked
+from gpu_control.security import excerpt
 
 from .conftest import CONTROL_TOKEN
-from .helpers import get_status, video_facts
+from .helpers import get_status, upload, video_facts
 
 TOOLS = {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout", "generate_video"}
 
@@ -277,3 +279,37 @@ def test_update_gpu_timeout_takes_never_as_text(gated):
     answer = json.loads(result.content[0].text)
     assert answer["message"] == "Idle timeout set to never. Release timeout set to never."
     assert (gated.manager.idle_timeout, gated.manager.release_timeout) == (float("inf"), 0.0)
+
+
+def test_an_unknown_argument_name_is_refused_with_an_excerpt(gated):
+    name = "b" * 50_000
+    result = call(gated.url, "update_gpu_timeout", {"timeout_seconds": 5, name: 1})
+    sentence = (
+        f"Tool 'update_gpu_timeout' has no argument {excerpt(name)}; it takes 'timeout_seconds', "
+        "'release_timeout_seconds', 'offload_after_use'."
+    )
+    assert (result.isError, result.content[0].text) == (True, sentence)
+    assert len(result.content[0].text) < 300
+    assert gated.manager.idle_timeout == 60.0
+
+
+def test_a_file_uploaded_to_the_app_is_passed_as_the_url_gradios_upload_tool_returns(gated, inputs):
+    """What ``gradio upload-mcp``'s upload_file_to_gradio returns: ``<app>/gradio_api/file=<upload path>``.
+
+    Gradio would fetch that URL and refuse it as a loopback address; the app takes the uploaded
+    file itself instead.
+    """
+    image, audio = upload(gated.url, inputs["image"], inputs["audio"])
+    calls = gated.pipeline.calls
+    for host in ("127.0.0.1", "localhost"):
+        base = gated.url.replace("127.0.0.1", host)
+        arguments = {
+            "image": f"{base}/gradio_api/file={encode_file_path(image['path'])}",
+            "audio": f"{base}/gradio_api/file={encode_file_path(audio['path'])}",
+            "size": 64,
+        }
+        result = call(gated.url, "generate_video", arguments)
+        assert not result.isError, result.content[0].text
+        answer = json.loads(result.content[0].text)
+        assert video_facts(answer["video_path"])["frames"] == answer["frames"] > 0
+    assert gated.pipeline.calls == calls + 2

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import pytest
+from gradio_client import Client, handle_file
 
-from .helpers import get_status
+from .helpers import get_status, wait_for
 
 
 def test_status_at_start_shows_nothing_loaded(gated):
@@ -93,8 +96,8 @@ def test_bad_timeout_requests_get_422_with_a_sentence_and_change_nothing(gated, 
         ("GET", "/gpu/timeout", "POST"),
         ("PUT", "/gpu/timeout", "POST"),
         ("DELETE", "/gpu/release", "POST"),
-        ("POST", "/gpu/status", "GET"),
-        ("POST", "/health", "GET"),
+        ("POST", "/gpu/status", "GET, HEAD"),
+        ("POST", "/health", "GET, HEAD"),
         ("POST", "/metrics", "GET"),
     ],
 )
@@ -102,7 +105,7 @@ def test_wrong_methods_are_405_with_allow_though_gradio_is_mounted_at_the_root(g
     response = httpx.request(method, f"{gated.url}{path}")
     assert response.status_code == 405
     assert response.headers["allow"] == allow
-    assert response.json() == {"detail": f"{path} answers {allow} only."}
+    assert response.json() == {"detail": f"{path} answers {allow.replace(', ', ' and ')} only."}
     assert get_status(gated.url)["model_location"] == "unloaded"
 
 
@@ -159,3 +162,30 @@ def test_metrics_follow_rest_controls_with_exact_counts(gated):
     assert after[("gpu_control_model_leases", model)] == 0.0
     assert after[("gpu_control_queue_depth", ())] == 0.0
     assert after[("gpu_control_model_host_bytes", model)] == get_status(gated.url)["cpu_cache_gb"] * 2**30
+
+
+def test_metrics_queue_depth_counts_the_running_job_and_those_waiting_for_the_slot(gated, inputs):
+    def depth() -> float:
+        lines = httpx.get(f"{gated.url}/metrics").text.splitlines()
+        return float(next(line for line in lines if line.startswith("gpu_control_queue_depth ")).split()[1])
+
+    gated.pipeline.gate = threading.Event()
+    calls = gated.pipeline.calls
+    client = Client(gated.url, verbose=False)
+    jobs = [
+        client.submit(
+            handle_file(str(inputs["image"])),
+            handle_file(str(inputs["audio"])),
+            size=96,
+            seed=seed,
+            api_name="/generate_video",
+        )
+        for seed in range(3)
+    ]
+    assert gated.pipeline.generating.wait(30), "the first job never started"
+    assert wait_for(lambda: depth() == 3.0)  # one running, two waiting for the slot
+    assert gated.pipeline.calls == calls + 1
+    gated.pipeline.gate.set()
+    for job in jobs:
+        job.result(timeout=60)
+    assert wait_for(lambda: depth() == 0.0)

@@ -16,14 +16,17 @@ The other attacks live beside this file, one file per surface, so that each stay
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from gpu_control import GPUResourceManager
+from app import create_app
+from gpu_control import ControlAccess, GPUResourceManager
 
 from .conftest import CONTROL_TOKEN
+from .helpers import GatedPipeline, serve
 
 CONTROLS: dict[str, dict[str, Any]] = {
     "/gpu/offload": {},
@@ -232,3 +235,40 @@ def test_a_huge_declared_body_is_413_at_once_without_waiting_for_it(locked):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert locked.manager.idle_timeout == 60.0
+
+
+@pytest.fixture(scope="module")
+def loopback_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, GPUResourceManager]]:
+    """An app as `python app.py` builds it on 127.0.0.1 without a token: ``local_only``."""
+    pipeline = GatedPipeline()
+    manager = GPUResourceManager(device="cpu", load_func=pipeline.load, name=pipeline.name)
+    app = create_app(
+        manager, pipeline, output_dir=tmp_path_factory.mktemp("loopback"), examples=[],
+        access=ControlAccess(local_only=True),
+    )
+    with serve(app) as url:
+        yield url, manager
+    manager.stop_monitor()
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/gpu/timeout", {"data": {"timeout": "2592000"}}),
+        ("/gradio_api/run/update_gpu_timeout", {"json": {"data": [2592000, None, None]}}),
+    ],
+)
+def test_dns_rebinding_cannot_drive_an_open_app_on_loopback(loopback_app, path, body):
+    """A page on attacker.example that rebinds its name to 127.0.0.1 is same-origin; its Host is not local."""
+    url, manager = loopback_app
+    port = url.rsplit(":", 1)[1]
+    rebound = {"Host": f"attacker.example:{port}", "Origin": f"http://attacker.example:{port}"}
+    before = state(manager)
+    answer = httpx.post(f"{url}{path}", headers=rebound, timeout=10, **body)
+    assert 400 <= answer.status_code < 500
+    assert "only at a loopback address" in answer.text
+    assert state(manager) == before
+    local = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+    assert httpx.post(f"{url}{path}", headers=local, timeout=10, **body).status_code == 200
+    assert manager.idle_timeout == 2592000
+    manager.update_timeout(60)

@@ -74,6 +74,9 @@ def test_listens_on_loopback_by_default_and_says_control_is_open(tmp_path):
         assert start in line
         assert "; GPU control open (no GPU_CONTROL_TOKEN);" in line
         assert httpx.post(f"{app.url}/gpu/offload", timeout=10).status_code == 200
+        rebound = {"Host": f"attacker.example:{app.port}", "Origin": f"http://attacker.example:{app.port}"}
+        refused = httpx.post(f"{app.url}/gpu/offload", headers=rebound, timeout=10)
+        assert refused.status_code == 403, "DNS rebinding: a rebound name must not control a loopback app"
         app.stop(signal.SIGTERM, timeout=MARGIN_S + STREAMS_CLOSE_S)
     assert "WARNING" not in app.output
 

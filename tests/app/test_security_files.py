@@ -3,7 +3,8 @@
 No request may make the app read, copy or serve a file the user did not upload (or the app
 did not create), through any file parameter of any route: the Gradio API (``/call``, ``/run``,
 ``/queue/join`` with the UI's events, the private example event included), gradio_client, MCP,
-and ``GET /gradio_api/file=``. No request may make the server fetch a URL from a loopback,
+and ``GET /gradio_api/file=``, which serves from the output folder only the videos the app
+wrote (no dotfile, no other file, nothing a link leads to). No request may make the server fetch a URL from a loopback,
 private or link-local address, ``/gradio_api/file=<url>`` never fetches anything, and with URL
 inputs off no URL is even looked up.
 
@@ -35,6 +36,7 @@ from gradio import processing_utils
 from gradio import utils as gradio_utils
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_client.utils import encode_file_path
 from mcp import ClientSession
 from PIL import Image
 
@@ -44,10 +46,10 @@ from gpu_control import GPUResourceManager
 from gpu_control.security import excerpt
 from pipelines.media import VideoWriter
 from ui.input_guard import URL_INPUTS_OFF, check_mcp_arguments
-from ui.mount import FILE_URL_REFUSED
+from ui.mount import FILE_URL_REFUSED, OUTPUT_FILE_REFUSED, output_file_allowed
 
 from .conftest import LiveApp
-from .helpers import GatedPipeline, make_portrait, make_speech, serve, video_facts
+from .helpers import ROOT, GatedPipeline, make_portrait, make_speech, serve, upload, video_facts
 from .test_mcp import call, data_uri, with_session
 
 FILE = {"_type": "gradio.FileData"}
@@ -424,6 +426,124 @@ def test_the_file_route_serves_only_uploads_and_the_output_folder(gated, secrets
             assert b"root:" not in body and secrets["portrait"].read_bytes()[:64] not in body, route
 
 
+REFUSED_BODY = json.dumps({"detail": OUTPUT_FILE_REFUSED}).encode()
+
+
+def output_routes(path: Path | str) -> list[str]:
+    """The ways to ask Gradio's file route for ``path``: plain, URL-encoded, the older ``/file/``."""
+    return [
+        f"/gradio_api/file={path}",
+        f"/gradio_api/file={quote(str(path), safe='')}",
+        f"/gradio_api/file/{path}",
+    ]
+
+
+def test_the_output_folder_serves_only_the_videos_the_app_wrote(gated, secrets, tmp_path):
+    out = gated.output_dir
+    video = out / f"talking-{secrets['token']}.mp4"
+    with VideoWriter(video, width=64, height=64, fps=10, audio_rate=None) as writer:
+        writer.write_frame(np.zeros((64, 64, 3), dtype=np.uint8))
+    (out / ".env").write_text(f"GPU_CONTROL_TOKEN={secrets['token']}")
+    (out / "secret.txt").write_text(secrets["token"])
+    (out / "app.py").write_text(f"TOKEN = {secrets['token']!r}")
+    (out / "x.mp4").write_bytes(video.read_bytes())
+    (out / f".talking-{secrets['token']}.part.mp4").write_bytes(video.read_bytes())
+    for folder in ("sub", ".hidden"):
+        (out / folder).mkdir()
+        (out / folder / video.name).write_bytes(video.read_bytes())
+    (out / "talking-out.mp4").symlink_to(secrets["portrait"])
+    (out / "talking-dot.mp4").symlink_to(out / ".env")
+    (tmp_path / "talking-in.mp4").symlink_to(out / ".env")
+    refused = [
+        out / ".env",
+        out / "secret.txt",
+        out / "app.py",
+        out / "x.mp4",
+        out / f".talking-{secrets['token']}.part.mp4",
+        out / "sub" / video.name,
+        out / ".hidden" / video.name,
+        out / "talking-out.mp4",
+        out / "talking-dot.mp4",
+        f"{out}/sub/../.env",
+        tmp_path / "talking-in.mp4",
+        out,
+    ]
+    try:
+        for path in refused:
+            for route in output_routes(path):
+                status, body = raw_get(gated.url, route)
+                assert (status, body) == (404, REFUSED_BODY), route
+        for route in [*output_routes(video), f"/gradio_api/file={out}/sub/../{video.name}"]:
+            status, body = raw_get(gated.url, route)
+            assert (status, body) == (200, video.read_bytes()), route
+    finally:
+        for name in (
+            ".env",
+            "secret.txt",
+            "app.py",
+            "x.mp4",
+            "talking-out.mp4",
+            "talking-dot.mp4",
+            video.name,
+        ):
+            (out / name).unlink()
+        (out / f".talking-{secrets['token']}.part.mp4").unlink()
+        shutil.rmtree(out / "sub")
+        shutil.rmtree(out / ".hidden")
+
+
+def test_output_file_allowed_follows_the_pattern_and_never_a_dotfile(tmp_path):
+    """The rule itself, for any pattern: a regular file in the folder, matching, no part starting with '.'."""
+    for name in ("a.mp4", ".a.mp4", "a.txt", "sub/b.mp4", ".sub/b.mp4"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "a.txt")
+    allowed = {
+        name: output_file_allowed(str(tmp_path / name), tmp_path, "*.mp4")
+        for name in ("a.mp4", ".a.mp4", "a.txt", "sub/b.mp4", "folder.mp4", "link.mp4", "missing.mp4", "")
+    }
+    assert allowed == {
+        "a.mp4": True,
+        ".a.mp4": False,
+        "a.txt": False,
+        "sub/b.mp4": False,
+        "folder.mp4": False,
+        "link.mp4": False,
+        "missing.mp4": False,
+        "": False,
+    }
+    assert output_file_allowed(str(tmp_path / "sub/b.mp4"), tmp_path, "*/*.mp4") is True
+    assert output_file_allowed(str(tmp_path / ".sub/b.mp4"), tmp_path, "*/*.mp4") is False
+    assert output_file_allowed("/etc/passwd", tmp_path, "*.mp4") is True  # not the folder's: Gradio decides
+    assert output_file_allowed("a\x00.mp4", tmp_path, "*.mp4") is False
+    linked = tmp_path.parent / f"{tmp_path.name}-link"
+    linked.symlink_to(tmp_path)  # the output folder given by a link's name
+    assert output_file_allowed(str(linked / "a.mp4"), linked, "*.mp4") is True
+    assert output_file_allowed(str(linked / ".a.mp4"), linked, "*.mp4") is False
+    assert output_file_allowed(str(tmp_path / ".a.mp4"), linked, "*.mp4") is False
+    (tmp_path / "out.mp4").symlink_to(tmp_path.parent)  # a link out of the folder
+    assert output_file_allowed(str(linked / "out.mp4"), linked, "*.mp4") is False
+    assert output_file_allowed(str(tmp_path / "out.mp4"), tmp_path, "*.mp4") is False
+
+
+def test_an_output_folder_that_holds_the_app_serves_none_of_its_files(secrets):
+    """``python app.py --output-dir .``: the app's source and a token file lie in the output folder."""
+    token_file = ROOT / f".control-token-{secrets['token']}"
+    token_file.write_text(secrets["token"])
+    pipeline = GatedPipeline()
+    manager = GPUResourceManager(device="cpu", load_func=pipeline.load, name=pipeline.name)
+    try:
+        with serve(create_app(manager, pipeline, output_dir=ROOT, examples=[])) as url:
+            for path in (token_file, ROOT / "app.py", ROOT / "README.md", ROOT / "ui" / "mount.py"):
+                for route in output_routes(path):
+                    status, body = raw_get(url, route)
+                    assert (status, body) == (404, REFUSED_BODY), route
+    finally:
+        manager.stop_monitor()
+        token_file.unlink()
+
+
 def test_only_videos_from_the_output_folder_are_shown(gated, secrets):
     """The result step takes the video's name from the browser: a video elsewhere is never served."""
     bait = secrets["portrait"].with_name(f"talking-{secrets['token']}.mp4")
@@ -512,12 +632,27 @@ def test_with_url_inputs_on_loopback_private_and_link_local_addresses_are_never_
 
 
 def test_the_tool_description_says_how_to_pass_files(gated, urls_off):
+    """Gradio's own sentence asks for "the returned path" of its upload tool; the app's says what it takes."""
+
     async def describe(session: ClientSession) -> Any:
         tools = (await session.list_tools()).tools
-        return next(t for t in tools if t.name == "generate_video").inputSchema["properties"]
+        return next(t for t in tools if t.name == "generate_video")
 
-    on = with_session(gated.url, describe)
-    off = with_session(urls_off.url, describe)
+    on_tool = with_session(gated.url, describe)
+    off_tool = with_session(urls_off.url, describe)
+    assert (
+        " Pass each file as a data: URI (data:<mime type>;base64,...) or as an http(s) URL of a public file; "
+        "to pass a local file, upload it to this app with the upload_file_to_gradio tool, if present, and "
+        "pass the URL that tool returns. Returns: JSON text"
+    ) in on_tool.description
+    assert (
+        " Pass each file as a data: URI (data:<mime type>;base64,...); this server does not take file URLs. "
+        "Returns: JSON text"
+    ) in off_tool.description
+    for tool in (on_tool, off_tool):
+        assert "returned path" not in tool.description and "Gradio File Input" not in tool.description
+    assert "upload_file_to_gradio" not in off_tool.description and "http" not in off_tool.description
+    on, off = on_tool.inputSchema["properties"], off_tool.inputSchema["properties"]
     for kind in ("image", "audio"):
         assert (
             "a data: URI" in on[kind]["description"]
@@ -528,6 +663,53 @@ def test_the_tool_description_says_how_to_pass_files(gated, urls_off):
             and "this server does not fetch URLs" in off[kind]["description"]
         )
         assert "http(s) URL of a public file" not in off[kind]["description"]
+
+
+def test_a_url_of_this_server_is_taken_only_for_a_file_uploaded_to_it(gated, secrets, listener, inputs):
+    """The URL of an upload (what Gradio's upload_file_to_gradio returns) is read from the upload
+    folder without a connection; no other file of the server is reached that way."""
+    calls, uses = gated.pipeline.calls, gated.manager.get_status()["counts"]["uses"]
+    (speech,) = upload(gated.url, inputs["audio"])
+    audio = f"{gated.url}/gradio_api/file={encode_file_path(speech['path'])}"
+    upload_folder = gradio_utils.get_upload_folder()
+    video = gated.output_dir / f"talking-{secrets['token']}.mp4"
+    with VideoWriter(video, width=64, height=64, fps=10, audio_rate=None) as writer:
+        writer.write_frame(np.zeros((64, 64, 3), dtype=np.uint8))
+    paths = [
+        *attack_paths(secrets, "image").values(),
+        f"{upload_folder}/../..{secrets['portrait']}",
+        str(video),
+        upload_folder,
+        f"{upload_folder}/no-such-upload/face.png",
+    ]
+    try:
+        for path in paths:
+            for image in (
+                f"{gated.url}/gradio_api/file={encode_file_path(path)}",
+                f"{gated.url}/gradio_api/file={quote(path, safe='')}",
+                f"{gated.url.replace('127.0.0.1', 'localhost')}/gradio_api/file={path}",
+            ):
+                result = call(gated.url, "generate_video", {"image": image, "audio": audio, "size": 64})
+                sentence = (
+                    f"Argument 'image': {excerpt(image)} names a file of this server that was not uploaded "
+                    "to it; upload the file (the upload_file_to_gradio tool, or POST /gradio_api/upload) and "
+                    "pass the URL of the upload, or send the file as a data: URI."
+                )
+                assert (result.isError, result.content[0].text) == (True, sentence), image
+    finally:
+        video.unlink()
+    assert listener.connections() == []
+    assert_untouched(gated, secrets, calls, uses)
+
+
+def test_with_url_inputs_off_a_url_of_this_server_is_refused_too(urls_off, inputs):
+    (portrait,) = upload(urls_off.url, inputs["image"])
+    image = f"{urls_off.url}/gradio_api/file={encode_file_path(portrait['path'])}"
+    result = call(
+        urls_off.url, "generate_video", {"image": image, "audio": data_uri(inputs["audio"], "audio/wav")}
+    )
+    assert (result.isError, result.content[0].text) == (True, f"Argument 'image': {URL_INPUTS_OFF}")
+    assert urls_off.pipeline.calls == 0
 
 
 def test_mcp_request_headers_never_choose_where_the_server_connects(tmp_path, listener, inputs):

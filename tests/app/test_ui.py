@@ -204,6 +204,42 @@ def test_cost_card_names_the_phases_and_lists_notes():
     assert "No face found &lt;here&gt;" in card
 
 
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"frames": float("inf"), "duration_s": float("nan"), "fps": -25, "width": 10**400, "height": True},
+        {"frames": "many", "duration_s": "long", "fps": None, "width": [1], "height": {"a": 1}},
+        {"timings": [1, 2], "notes": "not a list", "acquired_by": ["load"], "offloaded": "yes"},
+        {
+            "timings": {
+                "acquire": "x",
+                "generate": float("inf"),
+                "release": -1,
+                "render": float("nan"),
+                "7": 10**400,
+            }
+        },
+        {"notes": [1, None, {"a": 1}]},
+        {},
+        [],
+        "text",
+    ],
+    ids=["non-finite", "text", "wrong-containers", "bad-timings", "bad-notes", "empty", "a-list", "a-string"],
+)
+def test_cost_card_shows_a_dash_for_anything_that_is_not_a_finite_number(result):
+    """The result comes back from the browser: whatever it holds, the card renders and shows no junk."""
+    card = cost_html(result)
+    phases = re.findall(r"<span>([^<]*)</span><b>([^<]*)</b>", card)
+    assert phases == [("Acquire model", "–"), ("Generate", "–"), ("End of job", "–"), ("Total", "–")]
+    assert "– s of video · – frames at – fps · –×– px" in card
+    assert "tp-note" not in card and "generate =" not in card
+
+
+def test_cost_card_writes_a_huge_number_in_a_few_digits():
+    card = cost_html({"frames": 1e300, "duration_s": 2e9, "fps": 25, "width": 10**20, "height": 512})
+    assert "2e+09 s of video · 1e+300 frames at 25 fps · 1e+20×512 px" in card
+
+
 def test_example_rows_pair_images_with_audio(tmp_path):
     assert example_rows(tmp_path) == []
     (tmp_path / "b.png").write_bytes(b"")

@@ -103,7 +103,8 @@ def test_nan_is_refused_with_one_sentence(value):
     [
         ("abc", "'abc'"),
         ("", "''"),
-        (True, "True"),
+        (True, "true"),
+        (False, "false"),
         ([], "[]"),
         (2_592_000.5, "2592000.5"),
         (1e308, "1e+308"),
@@ -302,3 +303,8 @@ def test_the_default_pin_budget_is_half_of_the_containers_memory_limit(monkeypat
     assert weights.pin_limit_bytes({}) == 4 * 2**30
     monkeypatch.setattr(weights, "open", lambda path, *a, **k: io.StringIO("max\n"), raising=False)
     assert weights.pin_limit_bytes({}) == 8 * 2**30
+
+
+def test_minus_zero_is_zero():
+    value = config.validate_timeout("idle_timeout", "-0")
+    assert (value, math.copysign(1.0, value)) == (0.0, 1.0)

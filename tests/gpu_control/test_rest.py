@@ -439,9 +439,8 @@ def make_mounted() -> tuple[TestClient, GPUResourceManager]:
         ("DELETE", "/gpu/preheat", "POST"),
         ("GET", "/gpu/timeout", "POST"),
         ("OPTIONS", "/gpu/timeout", "POST"),
-        ("POST", "/gpu/status", "GET"),
-        ("HEAD", "/gpu/status", "GET"),
-        ("PATCH", "/health", "GET"),
+        ("POST", "/gpu/status", "GET, HEAD"),
+        ("PATCH", "/health", "GET, HEAD"),
         ("POST", "/docs", "GET"),
         ("POST", "/openapi.json", "GET, HEAD"),
     ],
@@ -597,3 +596,24 @@ def test_bodies_on_the_other_controls_are_ignored_not_5xx():
     for path in ("/gpu/offload", "/gpu/release"):
         for kwargs in ({"content": b"\xff" * 1000}, {"json": {"x": [[[]]]}}, {"files": {"f": ("a", b"1")}}):
             assert client.post(path, **kwargs).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/gpu/status"])
+def test_head_answers_like_get_for_uptime_probes(path):
+    client, _ = make_mounted()
+    response = client.head(path)
+    assert (response.status_code, response.content) == (200, b"")
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_release_timeout_never_is_zero_as_on_the_other_interfaces():
+    client, manager = make_client(release_timeout=600)
+    response = client.post("/gpu/timeout", json={"release_timeout": "Never"})
+    assert (response.status_code, response.json()["message"]) == (200, "Release timeout set to never.")
+    assert manager.release_timeout == 0.0
+
+
+def test_a_month_is_written_in_whole_seconds():
+    client, manager = make_client()
+    response = client.post("/gpu/timeout", json={"timeout": 2_592_000})
+    assert response.json()["message"] == "Idle timeout set to 2592000 s."
