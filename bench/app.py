@@ -454,7 +454,7 @@ def main() -> int:
     print(f"App benchmark on {platform.node() or 'this machine'} ({cpu}, Python {platform.python_version()})")
     print(
         f"1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-        "(above the core count, other processes compete and every figure grows)"
+        "(when it is above the core count, other processes compete and every figure grows)"
     )
     print()
     if not args.load_only:
