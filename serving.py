@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 CANCEL_WAIT_S = 1.0  # how long a cancelled job gets to unwind (delete its partial file, end its lease)
 STREAMS_CLOSE_S = 0.5  # how long open event streams get to finish once the jobs are over
-PARTIAL_VIDEOS = ".*.part.mp4"  # what `pipelines.media.VideoWriter` writes before a video is complete
+PARTIAL_VIDEOS = ".*.part.mp4"  # what `pipelines.video.VideoWriter` writes before a video is complete
 
 
 def delete_partial_videos(folder: Path) -> int:

@@ -20,7 +20,8 @@ anything else: 403 when the request comes from another site's page (a foreign ``
 with or without a token), 401 (``WWW-Authenticate: Bearer``) when the app has a control
 token and the request has no ``Authorization: Bearer <token>``. A value that cannot be used
 answers 422 with a sentence saying what to send instead (quoting at most a short excerpt of
-it); a body over `MAX_BODY_BYTES` answers 413.
+it); a body over `MAX_BODY_BYTES` answers 413. The method guard and the body reading live in
+`gpu_control.http_guard`; ``install_method_guard`` and ``MethodGuard`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -35,14 +36,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect
-from starlette.routing import BaseRoute, Match, Router
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import MAX_TIMEOUT_S, validate_bool, validate_timeout
 from .errors import ControlLocked, ForeignOrigin, GpuControlError, InvalidSetting, http_status
+from .http_guard import BadRequest, MethodGuard, install_method_guard, read_body, read_form
 from .manager import ActionResult, GPUResourceManager, Outcome
 from .security import ControlAccess, excerpt
 
@@ -64,6 +61,7 @@ MAX_BODY_BYTES = 16 * 2**20
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SHOWN_NAMES = 3
+_BODY_HINT = "send only timeout, release_timeout or offload_after_use"
 
 _BEARER = HTTPBearer(
     auto_error=False,
@@ -155,14 +153,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _BadRequest(Exception):
-    """A request body that cannot be used: answered with ``status`` and the message."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def make_router(
     manager: GPUResourceManager,
     *,
@@ -248,7 +238,7 @@ def make_router(
         try:
             fields = await _read_fields(request)
             result = _apply_timeouts(manager, fields)
-        except _BadRequest as error:
+        except BadRequest as error:
             return JSONResponse({"detail": str(error)}, status_code=error.status)
         except InvalidSetting as error:
             return JSONResponse({"detail": str(error)}, status_code=422)
@@ -281,60 +271,6 @@ def _act(manager: GPUResourceManager, action: Any) -> JSONResponse:
     return JSONResponse({**result.to_dict(), "status": manager.get_status()})
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused (413) past `MAX_BODY_BYTES` without reading the rest."""
-    too_large = _BadRequest(
-        f"The body is larger than {MAX_BODY_BYTES // 2**20} MiB; send only timeout, "
-        "release_timeout or offload_after_use.",
-        status=413,
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise too_large
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise _BadRequest("The client closed the connection before the body was sent.", status=400) from None
-    return b"".join(chunks)
-
-
-def _replay(body: bytes) -> Receive:
-    """An ASGI ``receive`` that hands out ``body`` once (to parse a body already read)."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
-async def _read_form(request: Request, body: bytes) -> dict[str, Any]:
-    """The fields of a form body; a file upload or a form that cannot be parsed is a `_BadRequest`."""
-    fields: dict[str, Any] = {}
-    try:
-        form = await Request(request.scope, _replay(body)).form(max_part_size=MAX_BODY_BYTES)
-    except (StarletteHTTPException, MultiPartException) as error:
-        detail = getattr(error, "detail", None) or getattr(error, "message", "")
-        raise _BadRequest(f"The form cannot be read ({detail.rstrip('.')}); send e.g. timeout=300.") from None
-    try:
-        for key, value in form.multi_items():
-            if not isinstance(value, str):
-                raise _BadRequest(f"Field {excerpt(key)} must be a value, not a file upload.")
-            fields[key] = value
-    finally:
-        await form.close()
-    return fields
-
-
 def _json_number(text: str) -> float | str:
     """A JSON number as a float; one too large for a float stays text (refused, not "never")."""
     number = float(text)
@@ -345,21 +281,21 @@ async def _read_fields(request: Request) -> dict[str, Any]:
     """The request's fields: from a form, a JSON object, or the query string."""
     fields: dict[str, Any] = dict(request.query_params)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await _read_body(request)
+    body = await read_body(request, limit=MAX_BODY_BYTES, hint=_BODY_HINT)
     if media in _FORM_TYPES:
-        fields.update(await _read_form(request, body))
+        fields.update(await read_form(request, body, limit=MAX_BODY_BYTES, example="timeout=300"))
     elif media == "application/json" or media.endswith("+json"):
         try:
             parsed = (
                 json.loads(body, parse_float=_json_number, parse_constant=str) if body.strip() else {}
             )
         except (ValueError, RecursionError):
-            raise _BadRequest('The body is not valid JSON; send e.g. {"timeout": 300}.') from None
+            raise BadRequest('The body is not valid JSON; send e.g. {"timeout": 300}.') from None
         if not isinstance(parsed, dict):
-            raise _BadRequest('The JSON body must be an object, e.g. {"timeout": 300}.')
+            raise BadRequest('The JSON body must be an object, e.g. {"timeout": 300}.')
         fields.update(parsed)
     elif body.strip():
-        raise _BadRequest(
+        raise BadRequest(
             "Send the values as a form (curl -F timeout=300) or as JSON "
             '(-H "Content-Type: application/json" -d \'{"timeout": 300}\').'
         )
@@ -378,7 +314,7 @@ def _apply_timeouts(manager: GPUResourceManager, fields: dict[str, Any]) -> Acti
     """Check the request's field names, then apply the values that were given."""
     unknown = sorted(set(fields) - set(TIMEOUT_FIELDS))
     if unknown:
-        raise _BadRequest(
+        raise BadRequest(
             f"Unknown field(s) {_names_text(unknown)}; use timeout, release_timeout or offload_after_use."
         )
     nulls = [name for name, value in fields.items() if value is None]
@@ -386,7 +322,7 @@ def _apply_timeouts(manager: GPUResourceManager, fields: dict[str, Any]) -> Acti
         raise InvalidSetting(f"{nulls[0]} needs a value, not null; leave it out to keep it as it is.")
     given = {name: value for name, value in fields.items() if value != ""}
     if not given:
-        raise _BadRequest(
+        raise BadRequest(
             "Give at least one of timeout, release_timeout or offload_after_use (e.g. timeout=300)."
         )
     return apply_settings(
@@ -476,67 +412,3 @@ def install_offline_docs(app: FastAPI, *, docs_url: str = "/docs", title: str | 
     @app.get(oauth_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
-
-
-def install_method_guard(app: FastAPI) -> None:
-    """Answer 405 with ``Allow`` when one of ``app``'s own routes is asked with another method.
-
-    Starlette answers 405 only when no later route matches the path; an app mounted at ``/``
-    (Gradio) matches every path, so ``GET /gpu/offload`` would fall through to the mount's
-    404. Call this once, before the app starts; it guards routes added later too.
-
-    Args:
-        app: the FastAPI (or Starlette) application whose routes to guard.
-    """
-    app.add_middleware(MethodGuard, router=app.router)
-
-
-class MethodGuard:
-    """ASGI middleware: 405 with ``Allow`` for a path of ``router`` asked with a method it lacks.
-
-    Args:
-        app: the next ASGI application.
-        router: the router whose routes (not mounts) are guarded, read at each request.
-    """
-
-    def __init__(self, app: ASGIApp, router: Router) -> None:
-        self.app = app
-        self.router = router
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            allowed = _allowed_methods(self.router.routes, scope)
-            if allowed:
-                path, methods = allowed
-                answer = JSONResponse(
-                    {"detail": f"{path} answers {' and '.join(methods)} only."},
-                    status_code=405,
-                    headers={"Allow": ", ".join(methods)},
-                )
-                await answer(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> tuple[str, list[str]] | None:
-    """The path and methods of the routes matching only by path; None when one matches fully or none does."""
-    path, methods = None, set()
-    for route in _flat_routes(routes):
-        if getattr(route, "methods", None) is None:
-            continue  # mounts, websockets and method-less routes
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return None
-        if match is Match.PARTIAL:
-            path = path or getattr(route, "path", "")
-            methods |= set(route.methods)
-    return None if path is None else (path, sorted(methods))
-
-
-def _flat_routes(routes: Iterable[BaseRoute]) -> Iterable[Any]:
-    """Every route, those of included routers too (FastAPI >= 0.130 keeps an included router whole)."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # older FastAPI copies an included router's routes into the app's
-        return routes
-    return iter_route_contexts(list(routes))

@@ -7,8 +7,11 @@ The other attacks live beside this file, one file per surface, so that each stay
 
 - ``test_security_panel.py``: the Gradio API tools and the UI's own (hidden) event routes;
   MCP tools over streamable HTTP and SSE are in ``test_mcp.py``.
-- ``test_security_files.py``: server files through every file parameter of every route,
-  ``/gradio_api/file=``, URL inputs (``ALLOW_URL_INPUTS``), SSRF to loopback/link-local.
+- ``test_security_files.py``: server files through every file parameter of every route
+  (Gradio API, gradio_client, MCP), ``/gradio_api/file=`` and the output folder.
+- ``test_security_urls.py``: URL inputs (``ALLOW_URL_INPUTS``), SSRF to loopback, private and
+  link-local addresses, ``/gradio_api/file=<url>``, MCP URLs of this server's own uploads.
+  Both share ``security_helpers.py`` (the planted secrets, attack paths, route helpers).
 - ``test_security_app.py``: the real ``python app.py``: default address, token from the
   environment or a file, SIGTERM with an open event stream and during a job, partial files.
 """

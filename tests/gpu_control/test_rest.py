@@ -617,3 +617,18 @@ def test_a_month_is_written_in_whole_seconds():
     client, manager = make_client()
     response = client.post("/gpu/timeout", json={"timeout": 2_592_000})
     assert response.json()["message"] == "Idle timeout set to 2592000 s."
+
+
+def test_the_library_and_its_http_pieces_load_neither_gradio_nor_the_app():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gpu_control, gpu_control.rest, gpu_control.http_guard, gpu_control.metrics, "
+        "gpu_control.security; print(sorted(m for m in ('gradio', 'pipelines', 'ui', 'prometheus_client') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"

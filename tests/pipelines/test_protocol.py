@@ -28,7 +28,7 @@ from pipelines import (
 
 def test_all_lists_exactly_the_public_names() -> None:
     public = {name for name in vars(pipelines) if not name.startswith("_")}
-    modules = {"errors", "jobs", "media", "protocol", "talking_portrait"}
+    modules = {"errors", "jobs", "media", "media_files", "protocol", "talking_portrait", "video"}
     assert set(pipelines.__all__) == public - modules
     for name in ("Pipeline", "GenerateOptions", "GeneratedVideo", "MediaError", "PipelineError"):
         assert name in pipelines.__all__
