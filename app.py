@@ -30,6 +30,7 @@ import atexit
 import gc
 import logging
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -322,6 +323,21 @@ def _open_share_link(server: uvicorn.Server, port: int) -> None:
     logger.info("Public share link (temporary): %s", url.replace("http://", "https://", 1))
 
 
+def listens_on_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only: a loopback address or a name for one.
+
+    A name (``--host vm``) is looked up once, as uvicorn will to listen on it; a name that cannot
+    be looked up counts as reaching the network.
+    """
+    if is_loopback_host(host):
+        return True
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all(is_loopback_host(info[4][0]) for info in found)
+
+
 def _url_host(host: str) -> str:
     """``host`` as written in a URL a person can open (every interface: ``localhost``)."""
     if host in ("0.0.0.0", "::"):
@@ -354,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     delete_partial_videos(config.output_dir)
     gate = JobGate()
     locked = config.control_token is not None
-    loopback = is_loopback_host(config.host)  # no token: controls only at a loopback name (DNS rebinding)
+    loopback = listens_on_loopback(config.host)  # no token: controls only at a loopback name (DNS rebinding)
     manager.start_monitor()
     app = create_app(
         manager,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,18 +107,29 @@ def read_control_token(
     return token
 
 
+_HOST_HEADER = re.compile(r"^(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::\d{1,5})?$")
+
+
 def is_loopback_host(host: str) -> bool:
-    """Whether ``host`` (a name or address, with or without a port or brackets) is this machine only."""
+    """Whether ``host`` (a ``Host`` header: a name or address, with an optional port) is this machine only.
+
+    Only well-formed values count: ``localhost`` and ``*.localhost``, 127.0.0.0/8 and ``[::1]``
+    (a bare ``::1`` too); anything else, malformed values included, is not loopback.
+    """
     host = host.strip()
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    host = host.rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    try:
+        if ipaddress.ip_address(host).is_loopback:  # a bare IPv6 address such as ::1
+            return True
+    except ValueError:
+        pass
+    match = _HOST_HEADER.match(host)
+    if match is None:
+        return False
+    name = (match["ip6"] or match["name"]).rstrip(".").lower()
+    if match["name"] and (name == "localhost" or name.endswith(".localhost")):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
 
@@ -189,6 +201,10 @@ class ControlAccess:
     def origin_allowed(self, headers: Mapping[str, Any] | None) -> bool:
         """False when the request names an ``Origin`` that is not the app's own (nor allowed)."""
         lowered = _lower_keys(headers)
+        if lowered.get("sec-fetch-site", "").strip().lower() in ("cross-site", "same-site"):
+            # set by the browser, out of a page's reach: another site (or another port of this
+            # host) sent it, whatever Origin and X-Forwarded-Host claim
+            return False
         origin = lowered.get("origin")
         if origin is None:
             return True
@@ -229,7 +245,7 @@ class ControlAccess:
             raise ForeignOrigin(
                 "Refused: this control request came from another site's page (its Origin is not this app's)."
             )
-        host = _lower_keys(headers).get("host")
+        host = _lower_keys(headers).get("host")  # None only for calls made inside the process
         if self._local_only and self._token is None and host is not None and not is_loopback_host(host):
             raise ForeignOrigin(
                 "Refused: without a control token this app takes GPU controls only at a loopback "

@@ -36,6 +36,7 @@ What `mount_demo` adds to ``gr.mount_gradio_app()`` (Gradio 6.31), for any Block
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -287,8 +288,13 @@ def call_problem(demo: gr.Blocks | None, rest: str, body: bytes) -> tuple[int, s
         body: the request's body.
     """
     try:
-        request = json.loads(body)
-    except ValueError:
+        request = json.loads(body, parse_constant=_not_finite, parse_float=_finite_float)
+    except _NotFinite:
+        return 422, (
+            "The body holds a number JSON cannot carry (NaN, Infinity, or one too large): "
+            "send finite numbers."
+        )
+    except (ValueError, RecursionError):
         return None  # FastAPI answers 422
     if demo is None or not isinstance(request, dict):
         return None
@@ -325,6 +331,22 @@ def call_problem(demo: gr.Blocks | None, rest: str, body: bytes) -> tuple[int, s
                 "This event needs the data of the event that triggers it (event_data, e.g. the index and value selected).",
             )
     return None
+
+
+class _NotFinite(ValueError):
+    """A JSON body holds NaN, Infinity or a number too large for a float."""
+
+
+def _not_finite(text: str) -> float:
+    raise _NotFinite(text)
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; Gradio would answer a non-finite one with a 500 (it cannot echo it)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
 
 
 def stream_problem(demo: gr.Blocks | None, rest: str, query: dict[str, list[str]]) -> str | None:

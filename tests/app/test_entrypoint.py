@@ -252,3 +252,20 @@ def test_share_link_failure_only_warns(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="app"):
         _open_share_link(SimpleNamespace(started=True, should_exit=False), 7861)
     assert "Could not open a share link (Could not get share link from Gradio API Server.)" in caplog.text
+
+
+def test_a_name_for_loopback_counts_as_this_machine_only(monkeypatch):
+    import socket
+
+    from app import listens_on_loopback
+
+    assert listens_on_loopback("127.0.0.1") and listens_on_loopback("localhost") and listens_on_loopback("::1")
+    assert not listens_on_loopback("0.0.0.0")
+
+    def lookup(host, *args, **kwargs):
+        addresses = {"vm": ["127.0.1.1"], "box": ["127.0.0.1", "192.168.1.9"]}[host]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    assert listens_on_loopback("vm")
+    assert not listens_on_loopback("box")

@@ -353,3 +353,29 @@ def test_an_unexpected_exception_never_reaches_the_client(tmp_path):
     assert stream.status_code == 200
     assert stream.text.strip() == 'event: error\ndata: {"error": null}'
     assert "secret" not in direct.text + stream.text
+
+
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("queue/join", '{"data": [], "fn_index": 1e400, "session_hash": "a"}'),
+        ("queue/join", '{"data": [], "fn_index": -Infinity}'),
+        ("call/offload_gpu", '{"data": 1e400}'),
+        ("call/offload_gpu", '{"data": [], "session_hash": 1e400}'),
+        ("run/offload_gpu", '{"data": [], "trigger_id": NaN}'),
+    ],
+)
+def test_a_number_json_cannot_carry_is_a_422_sentence_not_a_500(gated, route, body):
+    before = get_status(gated.url)["counts"]
+    answer = httpx.post(
+        f"{gated.url}/gradio_api/{route}",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert answer.status_code == 422
+    assert answer.json() == {
+        "detail": "The body holds a number JSON cannot carry (NaN, Infinity, or one too large): "
+        "send finite numbers."
+    }
+    assert get_status(gated.url)["counts"] == before

@@ -418,3 +418,24 @@ def test_only_videos_from_the_output_folder_are_shown(gated, secrets):
         assert not (Path(gradio_utils.get_upload_folder()) / processing_utils.hash_file(bait)).exists()
     finally:
         bait.unlink()
+
+
+@pytest.mark.parametrize("name", ["secret.txt", ".env", "x.mp4", "talking-x.mp4.txt"])
+def test_the_result_step_shows_only_the_apps_videos_from_the_output_folder(gated, name):
+    """Inside the output folder too, only ``talking-*.mp4`` files can be shown (and so cached and served)."""
+    planted = gated.output_dir / name
+    planted.write_bytes(f"not for visitors {name} {uuid.uuid4()}".encode())  # unique: a fresh cache name
+    dependencies = httpx.get(f"{gated.url}/config").json()["dependencies"]
+    show = next(d["id"] for d in dependencies if d["api_name"] == "show_result")
+    try:
+        answer = httpx.post(
+            f"{gated.url}/gradio_api/run/predict",
+            json={"fn_index": show, "data": [json.dumps({"video_path": name})], "session_hash": "s"},
+            timeout=30,
+        )
+        assert answer.status_code == 422
+        gone = "That video is not on the server (old videos are deleted); generate it again."
+        assert answer.json()["error"] == gone
+        assert not (Path(gradio_utils.get_upload_folder()) / processing_utils.hash_file(planted)).exists()
+    finally:
+        planted.unlink()

@@ -56,7 +56,11 @@ def test_only_the_apps_own_origin_may_change_state(origin, allowed):
 
 
 def test_a_forwarded_host_and_configured_origins_count_as_the_apps_own():
-    headers = {"host": "10.0.0.5:7860", "x-forwarded-host": "gpu.example.org", "origin": "https://gpu.example.org"}
+    headers = {
+        "host": "10.0.0.5:7860",
+        "x-forwarded-host": "gpu.example.org",
+        "origin": "https://gpu.example.org",
+    }
     assert ControlAccess().origin_allowed(headers)
     front = {**HOST, "origin": "https://ui.example.org"}
     assert ControlAccess(allowed_origins=("https://ui.example.org",)).origin_allowed(front)
@@ -89,8 +93,25 @@ def test_local_only_without_a_token_refuses_a_rebound_host(host, refused):
 
 @pytest.mark.parametrize(
     "host, loopback",
-    [("localhost", True), ("LOCALHOST.", True), ("127.0.0.1", True), ("[::1]:80", True), ("::1", True),
-     ("app.localhost:7860", True), ("0.0.0.0", False), ("example.org", False), ("[::2]", False)],
+    [
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("127.0.0.1", True),
+        ("[::1]:80", True),
+        ("::1", True),
+        ("app.localhost:7860", True),
+        ("0.0.0.0", False),
+        ("example.org", False),
+        ("[::2]", False),
+        ("evillocalhost", False),
+        ("localhost.attacker.example", False),
+        ("127.0.0.1.nip.io:7871", False),
+        ("[::1]evil.com", False),
+        ("localhost:7871@evil.com", False),
+        ("[::1", False),
+        ("", False),
+        ("localhost, evil.com", False),
+    ],
 )
 def test_is_loopback_host(host, loopback):
     assert is_loopback_host(host) is loopback
@@ -133,3 +154,29 @@ def test_excerpt_cuts_and_counts():
     assert excerpt("abc") == "'abc'"
     assert excerpt("x" * 100) == "'" + "x" * 59 + "… (102 characters)"
     assert excerpt(10**5000) == "a number with thousands of digits"
+
+
+def test_a_typed_token_is_enough_whatever_the_authorization_header_says():
+    ControlAccess(TOKEN).authorize({**HOST, "Authorization": "Bearer wrong-token-123"}, token=TOKEN)
+
+
+def test_an_empty_host_is_not_loopback_for_a_local_only_app():
+    with pytest.raises(ForeignOrigin):
+        ControlAccess(local_only=True).authorize({"host": ""})
+    ControlAccess(local_only=True).authorize(None)  # a call made inside the process has no request
+
+
+@pytest.mark.parametrize(
+    "site, allowed", [("same-origin", True), ("none", True), ("same-site", False), ("cross-site", False)]
+)
+def test_the_browsers_sec_fetch_site_beats_a_forged_forwarded_host(site, allowed):
+    """A page elsewhere can add X-Forwarded-Host (after a CORS preflight) but not Sec-Fetch-Site."""
+    headers = {
+        "host": "gpu-server.lan:7860",
+        "origin": "https://evil.example",
+        "x-forwarded-host": "evil.example",
+        "sec-fetch-site": site,
+    }
+    assert ControlAccess().origin_allowed(headers) is allowed
+    own = {"host": "gpu-server.lan:7860", "origin": "http://gpu-server.lan:7860", "sec-fetch-site": site}
+    assert ControlAccess().origin_allowed(own) is allowed
