@@ -37,6 +37,7 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "Settings",
     "validate_timeout",
+    "validate_release_timeout",
     "validate_device",
     "apply_visible_devices",
 ]
@@ -101,9 +102,7 @@ def validate_timeout(
     else:
         try:
             number = float(value)
-        except OverflowError:
-            raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.") from None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidSetting(f"{name} must be {expected}, not {excerpt(value)}.") from None
         never = number == math.inf and value == math.inf
     if math.isnan(number):
@@ -115,6 +114,20 @@ def validate_timeout(
     if math.isinf(number) and not allow_inf:
         raise InvalidSetting(f"{name} must be a finite number of {unit}, not {excerpt(value)}.")
     return number + 0.0  # -0.0 becomes 0.0
+
+
+def validate_release_timeout(name: str, value: Any) -> float:
+    """Return a release timeout in seconds: `validate_timeout` without infinity, where ``never`` is 0.
+
+    A cached model is never released when its release timeout is 0, so the word ``never``
+    (any case) means 0 here; ``inf`` and ``infinity`` are still refused.
+
+    Raises:
+        InvalidSetting: as `validate_timeout` with ``allow_inf=False``.
+    """
+    if isinstance(value, str) and value.strip().lower() == "never":
+        return 0.0
+    return validate_timeout(name, value, allow_inf=False)
 
 
 def _expected(unit: str, maximum: float, allow_inf: bool) -> str:

@@ -27,6 +27,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .security import excerpt
 
+try:
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # older FastAPI copies an included router's routes into the app's
+    iter_route_contexts = None  # type: ignore[assignment]
+
 __all__ = ["BadRequest", "MethodGuard", "install_method_guard", "read_body", "read_form"]
 
 
@@ -176,8 +181,6 @@ def _allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> tuple[str, li
 
 def _flat_routes(routes: Iterable[BaseRoute]) -> Iterable[Any]:
     """Every route, those of included routers too (FastAPI >= 0.130 keeps an included router whole)."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # older FastAPI copies an included router's routes into the app's
+    if iter_route_contexts is None:
         return routes
     return iter_route_contexts(list(routes))

@@ -34,6 +34,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .manager import GPUResourceManager, Location, Transition
+from .memory import GIB
+from .states import KIND_NAMES
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -43,11 +45,10 @@ __all__ = ["KINDS", "install_metrics"]
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("load", "restore", "offload", "release")
+KINDS = tuple(KIND_NAMES.values())
 """The kinds of move a manager reports to its transition listeners."""
 
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_GIB = 2**30
 
 
 def install_metrics(
@@ -197,8 +198,8 @@ class _StateCollector:
                 moving.add_metric([name, move], float((status["transition"] or "none") == move))
             size = status["model_size_gb"] or 0.0
             on_device = status["model_location"] == Location.GPU.value
-            device_bytes.add_metric([name], float(round(size * _GIB)) if on_device else 0.0)
-            host_bytes.add_metric([name], float(round((status["cpu_cache_gb"] or 0.0) * _GIB)))
+            device_bytes.add_metric([name], float(round(size * GIB)) if on_device else 0.0)
+            host_bytes.add_metric([name], float(round((status["cpu_cache_gb"] or 0.0) * GIB)))
             leases.add_metric([name], float(status["in_use"]))
         yield from (location, moving, device_bytes, host_bytes, leases)
         if self._queue_depth is not None:

@@ -21,10 +21,6 @@ from .weights import ModelWeights
 __all__ = ["ModelState"]
 
 
-def _new_lock() -> threading.Condition:
-    return threading.Condition(threading.Lock())
-
-
 def _new_counts() -> dict[str, int]:
     return {"loads": 0, "restores": 0, "offloads": 0, "releases": 0, "uses": 0}
 
@@ -38,7 +34,7 @@ class ModelState:
     offload_after_use: bool
     load_func: Callable[[], Any] | None
     leaks: LeakReport
-    lock: threading.Condition = field(default_factory=_new_lock)
+    lock: threading.Condition
     location: Location = Location.UNLOADED
     transition: Transition | None = None  # the move under way
     mover_thread: int | None = None  # the thread carrying it out

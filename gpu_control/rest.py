@@ -37,7 +37,7 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from .config import MAX_TIMEOUT_S, validate_bool, validate_timeout
+from .config import MAX_TIMEOUT_S, validate_bool, validate_release_timeout, validate_timeout
 from .errors import ControlLocked, ForeignOrigin, GpuControlError, InvalidSetting, http_status
 from .http_guard import BadRequest, MethodGuard, install_method_guard, read_body, read_form
 from .manager import ActionResult, GPUResourceManager, Outcome
@@ -253,10 +253,9 @@ def _authorizer(access: ControlAccess) -> Callable[..., Awaitable[None]]:
     async def authorize(request: Request, _credentials: Any = Security(_BEARER)) -> None:
         try:
             access.authorize(request.headers)
-        except ControlLocked as error:
-            raise HTTPException(401, detail=str(error), headers={"WWW-Authenticate": "Bearer"}) from None
-        except ForeignOrigin as error:
-            raise HTTPException(403, detail=str(error)) from None
+        except (ControlLocked, ForeignOrigin) as error:
+            headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, ControlLocked) else None
+            raise HTTPException(http_status(error), detail=str(error), headers=headers) from None
 
     return authorize
 
@@ -357,12 +356,7 @@ def apply_settings(
         InvalidSetting: a value cannot be used (the message names it); nothing was changed.
     """
     idle = None if timeout is None else validate_timeout(names[0], timeout)
-    if isinstance(release_timeout, str) and release_timeout.strip().lower() == "never":
-        release: float | None = 0.0  # the release timeout's "never" is 0, on every interface alike
-    else:
-        release = (
-            None if release_timeout is None else validate_timeout(names[1], release_timeout, allow_inf=False)
-        )
+    release = None if release_timeout is None else validate_release_timeout(names[1], release_timeout)
     after_use = None if offload_after_use is None else validate_bool(names[2], offload_after_use)
     messages = []
     if idle is not None:

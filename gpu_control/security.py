@@ -156,7 +156,7 @@ def _netloc(url: str) -> str | None:
 def _host_netlocs(headers: dict[str, str]) -> set[str]:
     """The addresses the request was sent to: Host and any X-Forwarded-Host, with both default ports."""
     hosts = [headers.get("host", "")]
-    hosts += [part for part in headers.get("x-forwarded-host", "").split(",")]
+    hosts += headers.get("x-forwarded-host", "").split(",")
     found = set()
     for host in hosts:
         host = host.strip()
