@@ -3,10 +3,10 @@
     gate = JobGate()
     with gate.job():                 # raises ShuttingDown once the gate is closed
         ...                          # call gate.check() from progress callbacks
-    # at SIGTERM:
+    # at SIGTERM (as `serving.GracefulServer` does):
     gate.close()                     # no new jobs
-    if not gate.wait_idle(8.0):      # let the running job finish within the grace period
-        gate.cancel()                # then its next gate.check() raises JobCancelled
+    if gate.running:                 # still running after the grace period
+        gate.cancel()                # its next gate.check() raises JobCancelled
 
 A cancelled job unwinds through its ``with`` blocks, so the video writer deletes its partial
 file and the manager's lease ends (offloading the model) as on any other error.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 
 from .errors import PipelineError
@@ -36,7 +35,7 @@ class JobGate:
     """Counts running jobs; closes for shutdown; cancels jobs that outlive the grace period."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._running = 0
         self._closed = False
         self._cancelled = threading.Event()
@@ -46,11 +45,6 @@ class JobGate:
         """How many jobs are running."""
         return self._running
 
-    @property
-    def closed(self) -> bool:
-        """Whether new jobs are refused."""
-        return self._closed
-
     @contextlib.contextmanager
     def job(self) -> Iterator[None]:
         """Hold a place for one job for the duration of a ``with`` block.
@@ -58,16 +52,15 @@ class JobGate:
         Raises:
             ShuttingDown: the gate is closed; nothing was started.
         """
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise ShuttingDown("The server is shutting down and takes no new jobs; try again in a minute.")
             self._running += 1
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._running -= 1
-                self._cond.notify_all()
 
     def check(self) -> None:
         """Raise `JobCancelled` when the running jobs have been cancelled (call it between steps)."""
@@ -76,19 +69,8 @@ class JobGate:
 
     def close(self) -> None:
         """Refuse new jobs from now on."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the running jobs to end; True when none runs."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        with self._cond:
-            while self._running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
 
     def cancel(self) -> None:
         """Make every running job's next `check()` raise `JobCancelled`."""

@@ -357,10 +357,8 @@ def _result_shower(output_dir: Path) -> Any:
     def show_result(result_json: str) -> tuple[str, str]:
         try:
             result = json.loads(result_json)
-        except (TypeError, ValueError, RecursionError) as error:
-            raise ToolError(
-                "That is not a result of generate_video; generate a video first.", print_exception=False
-            ) from error
+        except (TypeError, ValueError, RecursionError):
+            result = None
         if not isinstance(result, dict) or not isinstance(result.get("video_path"), str):
             raise ToolError(
                 "That is not a result of generate_video; generate a video first.", print_exception=False

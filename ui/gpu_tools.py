@@ -11,11 +11,12 @@ app has a control token. Gradio hands that request to a function through its
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
-from gpu_control import ControlAccess, GpuControlError, GPUResourceManager, InvalidSetting
+from gpu_control import ActionResult, ControlAccess, GpuControlError, GPUResourceManager, InvalidSetting
 from gpu_control.rest import apply_settings
 
 __all__ = ["ToolError", "register_gpu_api"]
@@ -62,6 +63,13 @@ def register_gpu_api(manager: GPUResourceManager, *, access: ControlAccess | Non
         except GpuControlError as error:
             raise _tool_error(error) from None
 
+    def move(request: gr.Request | None, action: Callable[[], ActionResult]) -> str:
+        authorize(request)
+        try:
+            return _answer(manager, action())
+        except GpuControlError as error:
+            raise _tool_error(error) from error
+
     def get_gpu_status() -> str:
         """Report where the video model is and how much GPU memory it holds. Loads nothing.
 
@@ -78,11 +86,7 @@ def register_gpu_api(manager: GPUResourceManager, *, access: ControlAccess | Non
         Returns:
             JSON text: action, outcome ("done", "deferred" or "nothing_to_do"), a one-sentence message, and the status after the request.
         """
-        authorize(request)
-        try:
-            return _answer(manager, manager.force_offload())
-        except GpuControlError as error:
-            raise _tool_error(error) from error
+        return move(request, manager.force_offload)
 
     def release_gpu(request: gr.Request) -> str:
         """Drop the video model from GPU memory and host RAM entirely; the next job loads it from disk again.
@@ -92,11 +96,7 @@ def register_gpu_api(manager: GPUResourceManager, *, access: ControlAccess | Non
         Returns:
             JSON text: action, outcome ("done", "deferred" or "nothing_to_do"), a one-sentence message, and the status after the request.
         """
-        authorize(request)
-        try:
-            return _answer(manager, manager.force_release())
-        except GpuControlError as error:
-            raise _tool_error(error) from error
+        return move(request, manager.force_release)
 
     def update_gpu_timeout(
         request: gr.Request,
@@ -122,8 +122,6 @@ def register_gpu_api(manager: GPUResourceManager, *, access: ControlAccess | Non
                 "timeout_seconds is required: a number of seconds from 0 to 2592000 (30 days), or never.",
                 print_exception=False,
             )
-        if isinstance(release_timeout_seconds, str) and release_timeout_seconds.strip().lower() == "never":
-            release_timeout_seconds = 0.0
         try:
             result = apply_settings(
                 manager,

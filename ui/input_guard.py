@@ -63,15 +63,14 @@ def _guard_preprocessing(demo: gr.Blocks, *, allow_url_inputs: bool) -> None:
     preprocess = demo.preprocess_data
 
     async def preprocess_data(block_fn: Any, inputs: list[Any], state: Any, *args: Any, **kwargs: Any) -> Any:
-        names = _input_names(block_fn)
-        _check_inputs(block_fn, inputs, names, allow_url_inputs=allow_url_inputs)
+        _check_inputs(block_fn, inputs, allow_url_inputs=allow_url_inputs)
         try:
             return await preprocess(block_fn, inputs, state, *args, **kwargs)
         except gr.Error:
             raise
         except Exception as error:  # noqa: BLE001 - every preprocessing failure becomes a sentence
             logger.info("Refused the input of %s: %s", getattr(block_fn, "name", "an event"), error)
-            raise gr.Error(_sentence(block_fn, inputs, names, error), print_exception=False) from None
+            raise gr.Error(_sentence(block_fn, inputs, error), print_exception=False) from None
 
     demo.preprocess_data = preprocess_data  # type: ignore[method-assign]
 
@@ -80,7 +79,8 @@ def _input_names(block_fn: Any) -> list[str]:
     """How messages name each input: its API parameter name and its label, e.g. ``'image' (Portrait)``.
 
     The parameters Gradio fills in itself (``gr.Request``, ``gr.Progress``, event data, …) are
-    not inputs and are skipped.
+    not inputs and are skipped. Worked out only for a refusal, not for every event (a panel's
+    timer ticks every second or two).
     """
     fn = getattr(block_fn, "fn", None)
     params = [p.name for p in gradio_utils.get_positional_input_parameters(fn)] if callable(fn) else []
@@ -130,7 +130,7 @@ def _file_objects(value: Any) -> list[dict[str, Any]]:
     return []
 
 
-def _check_inputs(block_fn: Any, inputs: Any, names: list[str], *, allow_url_inputs: bool) -> None:
+def _check_inputs(block_fn: Any, inputs: Any, *, allow_url_inputs: bool) -> None:
     """Refuse wrong counts, malformed file inputs and (when off) URL file inputs, with a sentence.
 
     A file given without Gradio's ``meta`` marker would skip Gradio's upload check (an image
@@ -139,7 +139,7 @@ def _check_inputs(block_fn: Any, inputs: Any, names: list[str], *, allow_url_inp
     wanted = len(block_fn.inputs)
     if not isinstance(inputs, list) or len(inputs) < wanted:
         got = len(inputs) if isinstance(inputs, list) else 0
-        listed = ", ".join(names[i] for i in range(wanted))
+        listed = ", ".join(_input_names(block_fn)[:wanted])
         raise gr.Error(
             f"This call takes {wanted} input value(s), in this order: {listed}; "
             f"{got} {'was' if got == 1 else 'were'} sent.",
@@ -151,7 +151,8 @@ def _check_inputs(block_fn: Any, inputs: Any, names: list[str], *, allow_url_inp
             count = len(block.samples)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
                 raise gr.Error(
-                    f"Input {names[index]} must be the number of an example, from 0 to {count - 1}.",
+                    f"Input {_input_names(block_fn)[index]} must be the number of an example, "
+                    f"from 0 to {count - 1}.",
                     print_exception=False,
                 )
             continue
@@ -160,13 +161,14 @@ def _check_inputs(block_fn: Any, inputs: Any, names: list[str], *, allow_url_inp
         files = _file_objects(value)
         if not _well_formed(block, value, files):
             raise gr.Error(
-                f"Input {names[index]} must be a file: {_UPLOAD_HOW}; {describe_value(value)} was sent.",
+                f"Input {_input_names(block_fn)[index]} must be a file: {_UPLOAD_HOW}; "
+                f"{describe_value(value)} was sent.",
                 print_exception=False,
             )
         if not allow_url_inputs and any(
             is_url(found.get("path")) or is_url(found.get("url")) for found in files
         ):
-            raise gr.Error(f"Input {names[index]}: {URL_INPUTS_OFF}", print_exception=False)
+            raise gr.Error(f"Input {_input_names(block_fn)[index]}: {URL_INPUTS_OFF}", print_exception=False)
 
 
 def _well_formed(block: Any, value: Any, files: list[dict[str, Any]]) -> bool:
@@ -180,8 +182,9 @@ def _well_formed(block: Any, value: Any, files: list[dict[str, Any]]) -> bool:
     return files == [value] and _has_file_meta(value)
 
 
-def _sentence(block_fn: Any, inputs: list[Any], names: list[str], error: Exception) -> str:
+def _sentence(block_fn: Any, inputs: list[Any], error: Exception) -> str:
     """The message for an input Gradio could not preprocess (no server path, no repr)."""
+    names = _input_names(block_fn)
     files = [
         (index, value)
         for index, (block, value) in enumerate(zip(block_fn.inputs, inputs, strict=False))

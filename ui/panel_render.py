@@ -124,6 +124,14 @@ def _memory_section(status: dict[str, Any]) -> str:
     )
 
 
+def _countdown(label: str, remaining: float | None, timeout: float | None) -> str:
+    """The line and bar counting down to an automatic move; empty when none is due."""
+    if remaining is None:
+        return ""
+    fraction = remaining / timeout if timeout else 0.0
+    return f"<div>{label} in <b>{format_countdown(remaining)}</b></div>" + _bar(fraction, "gpc-thin")
+
+
 def _timer_section(status: dict[str, Any]) -> str:
     location = status.get("model_location")
     idle_timeout = status.get("idle_timeout")
@@ -137,25 +145,15 @@ def _timer_section(status: dict[str, Any]) -> str:
     elif status.get("transition"):
         lines.append("<div>Moving: timers start when the move ends.</div>")
     elif location == "gpu":
-        offload_in = status.get("auto_offload_in")
-        if offload_in is None:
-            lines.append("<div>Auto-offload: <b>never</b> (idle timeout off)</div>")
-        else:
-            fraction = offload_in / idle_timeout if idle_timeout else 0.0
-            lines.append(
-                f"<div>Auto-offload in <b>{format_countdown(offload_in)}</b></div>"
-                + _bar(fraction, "gpc-thin")
-            )
+        lines.append(
+            _countdown("Auto-offload", status.get("auto_offload_in"), idle_timeout)
+            or "<div>Auto-offload: <b>never</b> (idle timeout off)</div>"
+        )
     elif location == "cpu":
-        release_in = status.get("auto_release_in")
-        if release_in is None:
-            lines.append("<div>Kept in host RAM until released (release timeout: never)</div>")
-        else:
-            fraction = release_in / release_timeout if release_timeout else 0.0
-            lines.append(
-                f"<div>Auto-release in <b>{format_countdown(release_in)}</b></div>"
-                + _bar(fraction, "gpc-thin")
-            )
+        lines.append(
+            _countdown("Auto-release", status.get("auto_release_in"), release_timeout)
+            or "<div>Kept in host RAM until released (release timeout: never)</div>"
+        )
     else:
         lines.append("<div>Loads on the first request (nothing is loaded until then).</div>")
     if status.get("idle_time") and not status.get("in_use") and location != "unloaded":
