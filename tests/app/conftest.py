@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from pipelines import Pipeline, default_pipeline
 from ui.blocks import example_rows
 
 from .helpers import GatedPipeline, make_portrait, make_speech, serve
-
+from .security_helpers import plant_secrets
 
 CONTROL_TOKEN = "test-control-token-0123"
 """The control token of the ``locked`` app."""
@@ -40,6 +41,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A drawn portrait and a short speech-like clip made for the tests."""
     folder = tmp_path_factory.mktemp("inputs")
     return {"image": make_portrait(folder / "face.png"), "audio": make_speech(folder / "speech.wav")}
+
+
+@pytest.fixture(scope="module")
+def secrets() -> Iterator[dict[str, Any]]:
+    """The secrets of `plant_secrets`, planted anew for each module that asks (the file and URL attacks)."""
+    with plant_secrets() as planted:
+        yield planted
 
 
 def _gated_app(

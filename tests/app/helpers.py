@@ -27,6 +27,7 @@ from torch import nn
 from pipelines.media import OUTPUT_AUDIO_RATE, VideoWriter, read_audio, read_image
 
 ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 class GatedPipeline:
@@ -146,6 +147,35 @@ def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> A
             return value
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def chromium_page(url: str) -> Iterator[tuple[Any, list[str]]]:
+    """A page of the system Chromium (Playwright) opened at ``url``, and the page errors it reports."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def wait_for_message(page: Any, text: str) -> str:
+    """Wait until the panel's message line includes ``text``; return the line."""
+    page.wait_for_function(
+        "text => (document.querySelector('#gpu-message')?.innerText || '').includes(text)",
+        arg=text,
+        timeout=15_000,
+    )
+    return page.inner_text("#gpu-message")
 
 
 def get_status(url: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -28,7 +28,8 @@ from PIL import Image
 
 import app as app_module
 
-from .conftest import LiveApp
+if TYPE_CHECKING:
+    from .conftest import LiveApp
 
 FILE = {"_type": "gradio.FileData"}
 OPTIONS = [25, 96, 1.0, 1.0, 1.0, 0, ""]  # fps, size, expressiveness, head_motion, blinks, seed, mouth

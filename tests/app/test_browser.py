@@ -9,9 +9,9 @@ temporary folder.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,8 @@ from gpu_control import GPUResourceManager
 from pipelines import default_pipeline
 from ui.blocks import example_rows
 
-from .helpers import serve
+from .helpers import CHROMIUM, chromium_page, serve, wait_for_message
 
-CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot.png"
 
 pytestmark = [
@@ -68,79 +67,58 @@ def _panel(page: Any, location: str) -> None:
     page.wait_for_selector(f'#gpu-status .gpc-panel[data-location="{location}"]', timeout=30_000)
 
 
-def _message(page: Any, text: str) -> None:
-    page.wait_for_function(
-        "text => (document.querySelector('#gpu-message')?.innerText || '').includes(text)",
-        arg=text,
-        timeout=15_000,
-    )
-
-
 def test_page_panel_buttons_example_video_and_docs_in_chromium(browser_app, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     url, pipeline = browser_app
     assert example_rows(), "examples/ holds no portrait + speech pair"
-    errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    with chromium_page(url) as (page, errors):
+        _panel(page, "unloaded")
+        assert "Not loaded" in page.inner_text("#gpu-status")
+        page.click("#gpu-preheat")
+        _panel(page, "gpu")
+        assert "Ready on CPU" in page.inner_text("#gpu-status .gpc-badge")
+        page.click("#gpu-offload")
+        _panel(page, "cpu")
+        wait_for_message(page, "The model is in the host cache")
+        assert "In host RAM" in page.inner_text("#gpu-status .gpc-badge")
+
+        pipeline.gate.clear()
+        page.click('#examples [data-testid="dataset-cell-0-0"]')
+        assert pipeline.generating.wait(30), "clicking the example did not start a job"
+        page.click("#gpu-offload")
+        wait_for_message(page, "Deferred: the model is in use")
+        page.click("#gpu-release")
+        wait_for_message(page, "Deferred: the model is in use")
+        page.wait_for_selector("#gpu-status .gpc-chip.gpc-pending", timeout=15_000)
+        assert "in use" in page.inner_text("#gpu-status .gpc-head")
+        pipeline.gate.set()
+
+        _panel(page, "unloaded")
+        duration = page.wait_for_function(
+            """() => {
+                const video = document.querySelector('#result-video video');
+                if (!video || !(video.readyState >= 1) || !(video.duration > 0)) return null;
+                if (video.paused) { video.muted = true; video.play(); }
+                return video.currentTime > 0.2 && video.videoWidth > 0 ? video.duration : null;
+            }""",
+            timeout=60_000,
+            polling=250,
+        ).json_value()
+        assert duration > 1.0
+        page.evaluate("document.querySelector('#result-video video').pause()")
+        assert "What this job cost" in page.inner_text("#job-cost")
+
+        page.click('#examples [data-testid="dataset-cell-0-0"]')
+        _panel(page, "cpu")
+        page.wait_for_function(
+            "() => (document.querySelector('#job-cost')?.innerText || '').includes('Load model')",
+            timeout=60_000,
         )
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+        page.evaluate("document.querySelector('#result-video video')?.pause()")
+        shot = DOCS_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
 
-            _panel(page, "unloaded")
-            assert "Not loaded" in page.inner_text("#gpu-status")
-            page.click("#gpu-preheat")
-            _panel(page, "gpu")
-            assert "Ready on CPU" in page.inner_text("#gpu-status .gpc-badge")
-            page.click("#gpu-offload")
-            _panel(page, "cpu")
-            _message(page, "The model is in the host cache")
-            assert "In host RAM" in page.inner_text("#gpu-status .gpc-badge")
-
-            pipeline.gate.clear()
-            page.click('#examples [data-testid="dataset-cell-0-0"]')
-            assert pipeline.generating.wait(30), "clicking the example did not start a job"
-            page.click("#gpu-offload")
-            _message(page, "Deferred: the model is in use")
-            page.click("#gpu-release")
-            _message(page, "Deferred: the model is in use")
-            page.wait_for_selector("#gpu-status .gpc-chip.gpc-pending", timeout=15_000)
-            assert "in use" in page.inner_text("#gpu-status .gpc-head")
-            pipeline.gate.set()
-
-            _panel(page, "unloaded")
-            duration = page.wait_for_function(
-                """() => {
-                    const video = document.querySelector('#result-video video');
-                    if (!video || !(video.readyState >= 1) || !(video.duration > 0)) return null;
-                    if (video.paused) { video.muted = true; video.play(); }
-                    return video.currentTime > 0.2 && video.videoWidth > 0 ? video.duration : null;
-                }""",
-                timeout=60_000,
-                polling=250,
-            ).json_value()
-            assert duration > 1.0
-            page.evaluate("document.querySelector('#result-video video').pause()")
-            assert "What this job cost" in page.inner_text("#job-cost")
-
-            page.click('#examples [data-testid="dataset-cell-0-0"]')
-            _panel(page, "cpu")
-            page.wait_for_function(
-                "() => (document.querySelector('#job-cost')?.innerText || '').includes('Load model')",
-                timeout=60_000,
-            )
-            page.evaluate("document.querySelector('#result-video video')?.pause()")
-            shot = DOCS_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-
-            page.goto(f"{url}/docs")
-            page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
-            assert page.locator(".swagger-ui .opblock").count() == 7
-        finally:
-            browser.close()
+        page.goto(f"{url}/docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+        assert page.locator(".swagger-ui .opblock").count() == 7
     assert errors == []

@@ -16,6 +16,7 @@ import pytest
 from gpu_control import ControlAccess, GPUResourceManager
 from ui.gpu_panel import MESSAGE_TTL_S, gpu_panel
 
+from ..gpu_control.sync import Worker
 from .helpers import GatedPipeline
 
 TOKEN = "panel-token-0123456"
@@ -230,15 +231,7 @@ def test_a_deferred_release_stopped_by_a_failed_load_says_so():
         raise OSError("disk gone")
 
     manager, handlers, _ = build(load_func=failing_load)
-    errors: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            manager.get_model()
-        except BaseException as error:  # checked in the test thread below
-            errors.append(error)
-
-    loader = threading.Thread(target=load)
+    loader = Worker(manager.get_model)
     loader.start()
     try:
         assert started.wait(10)
@@ -247,7 +240,7 @@ def test_a_deferred_release_stopped_by_a_failed_load_says_so():
     finally:
         finish.set()
         loader.join(10)
-    assert not loader.is_alive() and [type(error).__name__ for error in errors] == ["LoadError"]
+    assert not loader.is_alive() and type(loader.error).__name__ == "LoadError"
     _, message = handlers["refresh"](deferred)
     assert text_of(message) == (
         "The deferred release did not happen: an error came first (see Last error above)."
@@ -264,15 +257,7 @@ def test_preheat_while_the_model_loads_answers_at_once():
         return GatedPipeline().load()
 
     manager, handlers, _ = build(load_func=slow_load)
-    errors: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            manager.get_model()
-        except BaseException as error:  # handed to the test thread below
-            errors.append(error)
-
-    loader = threading.Thread(target=load)
+    loader = Worker(manager.get_model)
     loader.start()
     try:
         assert started.wait(10)
@@ -282,7 +267,7 @@ def test_preheat_while_the_model_loads_answers_at_once():
     finally:
         finish.set()
         loader.join(10)
-    assert not loader.is_alive() and errors == []
+    assert not loader.is_alive() and loader.error is None
     assert manager.get_status()["counts"]["loads"] == 1
     manager.force_release()
 

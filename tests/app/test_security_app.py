@@ -65,6 +65,21 @@ def _read_events(stream: httpx.Response) -> list[str]:
     return lines
 
 
+def _sigterm_during_a_job(
+    tmp_path: Path, inputs: dict[str, Path], pipeline: str, timeout: float, **env: str
+) -> tuple[AppProcess, float, list[str]]:
+    """Serve ``pipeline`` writing to ``tmp_path``, start a job, and send SIGTERM once the job is
+    writing its video; return the stopped app, how long it took to exit, and the job's events."""
+    with app_process("--output-dir", str(tmp_path), "--pipeline", pipeline, **env) as app:
+        app.wait_until_serving()
+        event_id = _start_job(app.url, inputs)
+        with _job_events(app, event_id) as stream:
+            wait_for(lambda: _partial_videos(tmp_path), timeout=30)  # the job is writing its video
+            took = app.stop(signal.SIGTERM, timeout=timeout)
+            events = _read_events(stream)
+    return app, took, events
+
+
 def test_listens_on_loopback_by_default_and_says_control_is_open(tmp_path):
     with app_process("--output-dir", str(tmp_path)) as app:
         line = app.wait_for_line("Talking Portrait on ")
@@ -179,14 +194,13 @@ def test_a_stop_signal_with_an_open_event_stream_exits_within_the_grace_period(t
 
 
 def test_sigterm_during_a_long_job_cancels_it_after_the_grace_period_and_keeps_nothing(tmp_path, inputs):
-    pipeline = "tests.app.helpers:EndlessPipeline"
-    with app_process("--output-dir", str(tmp_path), "--pipeline", pipeline, **SHORT_GRACE) as app:
-        app.wait_until_serving()
-        event_id = _start_job(app.url, inputs)
-        with _job_events(app, event_id) as stream:
-            wait_for(lambda: _partial_videos(tmp_path), timeout=30)  # the job is writing its video
-            took = app.stop(signal.SIGTERM, timeout=GRACE_S + CANCEL_WAIT_S + STREAMS_CLOSE_S + MARGIN_S)
-            events = _read_events(stream)
+    app, took, events = _sigterm_during_a_job(
+        tmp_path,
+        inputs,
+        "tests.app.helpers:EndlessPipeline",
+        GRACE_S + CANCEL_WAIT_S + STREAMS_CLOSE_S + MARGIN_S,
+        **SHORT_GRACE,
+    )
     assert app.process.returncode == 0
     assert took >= GRACE_S, "the running job was not given its grace period"
     assert events[0] == "event: error"
@@ -199,15 +213,9 @@ def test_sigterm_during_a_long_job_cancels_it_after_the_grace_period_and_keeps_n
 
 
 def test_sigterm_during_a_short_job_lets_it_finish_and_deliver_its_video(tmp_path, inputs):
-    with app_process(
-        "--output-dir", str(tmp_path), "--pipeline", "tests.app.helpers:ShortPipeline", SHUTDOWN_GRACE_S="60"
-    ) as app:
-        app.wait_until_serving()
-        event_id = _start_job(app.url, inputs)
-        with _job_events(app, event_id) as stream:
-            wait_for(lambda: _partial_videos(tmp_path), timeout=30)
-            app.stop(signal.SIGTERM, timeout=60)
-            events = _read_events(stream)
+    app, _, events = _sigterm_during_a_job(
+        tmp_path, inputs, "tests.app.helpers:ShortPipeline", 60, SHUTDOWN_GRACE_S="60"
+    )
     assert app.process.returncode == 0
     assert events[0] == "event: complete", events
     videos = sorted(path.name for path in tmp_path.iterdir())
@@ -217,17 +225,17 @@ def test_sigterm_during_a_short_job_lets_it_finish_and_deliver_its_video(tmp_pat
 
 
 def test_a_job_that_ignores_cancellation_does_not_hold_the_exit_and_leaves_nothing(tmp_path, inputs):
-    pipeline = "tests.app.helpers:StubbornPipeline"
-    with app_process("--output-dir", str(tmp_path), "--pipeline", pipeline, **SHORT_GRACE) as app:
-        app.wait_until_serving()
-        event_id = _start_job(app.url, inputs)
-        with _job_events(app, event_id) as stream:
-            wait_for(lambda: _partial_videos(tmp_path), timeout=30)
-            app.stop(signal.SIGTERM, timeout=GRACE_S + CANCEL_WAIT_S + STREAMS_CLOSE_S + MARGIN_S)
-            _read_events(stream)
+    app, _, _ = _sigterm_during_a_job(
+        tmp_path,
+        inputs,
+        "tests.app.helpers:StubbornPipeline",
+        GRACE_S + CANCEL_WAIT_S + STREAMS_CLOSE_S + MARGIN_S,
+        **SHORT_GRACE,
+    )
     assert app.process.returncode == 0
     assert list(tmp_path.iterdir()) == []
-    assert f"WARNING serving: 1 job(s) did not stop within {CANCEL_WAIT_S:g} s of being cancelled\n" in app.output
+    stuck = f"WARNING serving: 1 job(s) did not stop within {CANCEL_WAIT_S:g} s of being cancelled\n"
+    assert stuck in app.output
     exiting = "WARNING app: Exiting with 1 job(s) that ignored cancellation; nothing they wrote was kept\n"
     assert exiting in app.output
 
@@ -244,5 +252,6 @@ def test_a_killed_runs_partial_video_is_deleted_at_the_next_start(tmp_path, inpu
     with app_process("--output-dir", str(tmp_path)) as app:
         line = app.wait_for_line("partial video(s)")
         app.wait_until_serving()
-    assert line.endswith(f"INFO serving: Deleted 1 partial video(s) left in {tmp_path} by an interrupted run\n")
+    deleted = f"INFO serving: Deleted 1 partial video(s) left in {tmp_path} by an interrupted run\n"
+    assert line.endswith(deleted)
     assert sorted(tmp_path.iterdir()) == [keep]

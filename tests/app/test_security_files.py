@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -47,7 +46,6 @@ from .security_helpers import (
     OPTIONS,
     assert_untouched,
     attack_paths,
-    plant_secrets,
     raw_get,
     via_call,
     via_run,
@@ -58,13 +56,6 @@ NOT_UPLOADED = "names a file that was not uploaded to this server"
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def secrets() -> Iterator[dict[str, Any]]:
-    """The secrets of `plant_secrets`, planted for this module's tests."""
-    with plant_secrets() as planted:
-        yield planted
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import re
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +24,7 @@ from gradio_client.exceptions import AppError
 from gpu_control import GPUResourceManager
 
 from .conftest import CONTROL_TOKEN, LiveApp
+from .helpers import CHROMIUM, chromium_page, wait_for_message
 
 LOCKED = (
     "GPU control is locked: send the control token (Authorization: Bearer <token>, "
@@ -33,7 +33,6 @@ LOCKED = (
 FOREIGN = "Refused: this control request came from another site's page (its Origin is not this app's)."
 BEARER = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
 EVIL = {"Origin": "https://evil.example"}
-CHROMIUM = Path("/usr/bin/chromium")
 TOOLS = {"offload_gpu": [], "release_gpu": [], "update_gpu_timeout": [5, 7, False]}
 PANEL_INPUTS = {
     "offload": lambda token: [token],
@@ -316,55 +315,37 @@ def test_the_message_line_reports_a_deferred_offload_once_the_job_ends(locked):
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the system Chromium at /usr/bin/chromium")
 def test_the_locked_panel_in_a_browser_asks_for_the_token_and_follows_a_deferred_offload(locked):
-    from playwright.sync_api import sync_playwright
-
-    def message(page: Any, text: str) -> str:
-        page.wait_for_function(
-            "text => (document.querySelector('#gpu-message')?.innerText || '').includes(text)",
-            arg=text,
-            timeout=15_000,
+    with chromium_page(locked.url) as (page, errors):
+        page.wait_for_selector('#gpu-status .gpc-panel[data-location="unloaded"]', timeout=30_000)
+        assert page.is_visible("#gpu-lock-note .gpc-lock-waiting")
+        before = state(locked)
+        page.click("#gpu-preheat")
+        assert "Locked: enter the control token in the field above to preheat." in wait_for_message(
+            page, "Locked"
         )
-        return page.inner_text("#gpu-message")
+        assert state(locked) == before
 
-    errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-        )
+        page.fill("#gpu-token input", CONTROL_TOKEN)
+        assert page.is_visible("#gpu-lock-note .gpc-lock-typed")
+        assert not page.is_visible("#gpu-lock-note .gpc-lock-waiting")
+        page.click("#gpu-preheat")
+        wait_for_message(page, "kept until the idle timeout")
+
+        worker, leave, job_errors = hold(locked.manager)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(locked.url)
-            page.wait_for_selector('#gpu-status .gpc-panel[data-location="unloaded"]', timeout=30_000)
-            assert page.is_visible("#gpu-lock-note .gpc-lock-waiting")
-            before = state(locked)
-            page.click("#gpu-preheat")
-            assert "Locked: enter the control token in the field above to preheat." in message(page, "Locked")
-            assert state(locked) == before
-
-            page.fill("#gpu-token input", CONTROL_TOKEN)
-            assert page.is_visible("#gpu-lock-note .gpc-lock-typed")
-            assert not page.is_visible("#gpu-lock-note .gpc-lock-waiting")
-            page.click("#gpu-preheat")
-            message(page, "kept until the idle timeout")
-
-            worker, leave, job_errors = hold(locked.manager)
-            try:
-                page.click("#gpu-offload")
-                message(page, "Deferred: the model is in use")
-            finally:
-                leave.set()
-                worker.join(10)
-            assert not worker.is_alive() and job_errors == []
-            assert "The deferred offload is done: the model is in the host cache" in message(
-                page, "The deferred offload is done"
-            )
-            page.fill("#gpu-idle-timeout input", "-5")
-            page.click("#gpu-apply")
-            assert "Idle timeout must be 0 or more seconds, not '-5'. Nothing was changed." in message(
-                page, "Nothing was changed"
-            )
-            assert locked.manager.idle_timeout == 60.0
+            page.click("#gpu-offload")
+            wait_for_message(page, "Deferred: the model is in use")
         finally:
-            browser.close()
+            leave.set()
+            worker.join(10)
+        assert not worker.is_alive() and job_errors == []
+        assert "The deferred offload is done: the model is in the host cache" in wait_for_message(
+            page, "The deferred offload is done"
+        )
+        page.fill("#gpu-idle-timeout input", "-5")
+        page.click("#gpu-apply")
+        assert "Idle timeout must be 0 or more seconds, not '-5'. Nothing was changed." in wait_for_message(
+            page, "Nothing was changed"
+        )
+        assert locked.manager.idle_timeout == 60.0
     assert errors == []

@@ -44,7 +44,6 @@ from .security_helpers import (
     OPTIONS,
     assert_untouched,
     attack_paths,
-    plant_secrets,
     raw_get,
     via_call,
     via_run,
@@ -55,13 +54,6 @@ NOT_FETCHED = "could not be fetched; only public http(s) addresses are fetched"
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def secrets() -> Iterator[dict[str, Any]]:
-    """The secrets of `plant_secrets`, planted for this module's tests."""
-    with plant_secrets() as planted:
-        yield planted
 
 
 class Listener:
