@@ -8,6 +8,8 @@ idle and release timeouts, and a status snapshot that never waits.
     manager = GPUResourceManager(idle_timeout=60)
     with manager.use(load_model) as model:
         output = model(inputs)
+
+Several models on one or more devices share budgets through a `GPUPool`.
 """
 
 from .checkpoint import CheckpointLoad, load_safetensors
@@ -22,8 +24,10 @@ from .errors import (
     ModelInUse,
     OutOfMemory,
     TransferError,
+    WaitTimeout,
 )
 from .manager import ActionResult, GPUResourceManager, Location, Outcome, Transition
+from .pool import GPUPool
 from .security import ControlAccess, read_control_token
 from .weights import ModelWeights, Transfer, attach
 
@@ -33,6 +37,7 @@ __all__ = [
     "ControlAccess",
     "ControlLocked",
     "ForeignOrigin",
+    "GPUPool",
     "GPUResourceManager",
     "GpuControlError",
     "InvalidSetting",
@@ -46,6 +51,7 @@ __all__ = [
     "Transfer",
     "TransferError",
     "Transition",
+    "WaitTimeout",
     "attach",
     "get_gpu_manager",
     "load_safetensors",

@@ -6,7 +6,8 @@ The tree::
     ├── InvalidSetting (ValueError) a timeout, flag or device that is not valid
     ├── LoadError                   the user's load_func raised; the manager stays unloaded
     ├── TransferError               moving weights between host and device failed
-    │   └── OutOfMemory             the device has no room for the model
+    │   ├── OutOfMemory             the device has no room for the model
+    │   └── WaitTimeout             a pool found no room for the model within its wait timeout
     ├── ModelInUse                  an operation that needs the model idle found a lease
     ├── ControlLocked               a control request without the control token (401)
     └── ForeignOrigin               a control request from another site's page (403)
@@ -22,6 +23,7 @@ __all__ = [
     "LoadError",
     "TransferError",
     "OutOfMemory",
+    "WaitTimeout",
     "ModelInUse",
     "ControlLocked",
     "ForeignOrigin",
@@ -48,16 +50,21 @@ class TransferError(GpuControlError):
 class OutOfMemory(TransferError):
     """The device has too little free memory to hold the model."""
 
-    def __init__(self, device: str, needed: int, free: int | None) -> None:
+    def __init__(self, device: str, needed: int, free: int | None, message: str | None = None) -> None:
         self.device = device
         self.needed = needed
         self.free = free
         free_text = "unknown" if free is None else f"{free / 2**30:.2f} GiB"
         super().__init__(
-            f"Not enough memory on {device}: the model needs {needed / 2**30:.2f} GiB, "
+            message
+            or f"Not enough memory on {device}: the model needs {needed / 2**30:.2f} GiB, "
             f"{free_text} is free. Free memory on that device (offload or release other "
             f"models) or choose another device."
         )
+
+
+class WaitTimeout(TransferError):
+    """A pool found no room for the model within its wait timeout; the message names what holds the device."""
 
 
 class ModelInUse(GpuControlError):
@@ -84,6 +91,6 @@ def http_status(error: BaseException) -> int:
         return 409
     if isinstance(error, OutOfMemory):
         return 507
-    if isinstance(error, (LoadError, TransferError)):
+    if isinstance(error, (LoadError, TransferError)):  # WaitTimeout too: try again later
         return 503
     return 500

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
+from .admission import Admission
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_RELEASE_TIMEOUT, Settings, validate_bool, validate_timeout
 from .errors import TransferError
 from .leaks import LeakReport
 from .memory import MemoryReading, read_memory, resolve_device
 from .model_state import ModelState
-from .monitor import DeadlineWatcher
+from .monitor import DeadlineWatcher, WatcherGroup, WatcherMember
 from .states import ActionResult, Location, Outcome, Transition, seconds_text
 from .status import build_status, device_status
 from .transitions import Mover
@@ -63,6 +64,9 @@ class GPUResourceManager:
         memory_probe: reads a device's memory figures.
         engine: builds the weight mover for a loaded model (``weights.attach``).
         auto_monitor: start the idle watcher when the first model is loaded.
+        admission: a pool's hooks: room on a device before each move in (`GPUPool.add`
+            passes them; None for a standalone manager).
+        watcher_group: share one watcher thread with other managers (a pool's).
 
     Raises:
         InvalidSetting: a timeout, flag or device is not valid.
@@ -82,6 +86,8 @@ class GPUResourceManager:
         memory_probe: Callable[[torch.device], MemoryReading] = read_memory,
         engine: Callable[..., ModelWeights] = attach,
         auto_monitor: bool = True,
+        admission: Admission | None = None,
+        watcher_group: WatcherGroup | None = None,
     ) -> None:
         settings = Settings(
             idle_timeout=idle_timeout,
@@ -90,7 +96,7 @@ class GPUResourceManager:
             device=None if device is None else str(device),
         )
         self.name = name
-        self.device = resolve_device(settings.device)
+        device = resolve_device(settings.device)
         self._clock = clock
         self._auto_monitor = auto_monitor
         self._cond = threading.Condition(threading.Lock())
@@ -102,11 +108,15 @@ class GPUResourceManager:
             leaks=LeakReport(name),
             lock=self._cond,
         )
+        self._admission = admission
         self._mover = Mover(
-            name, self.device, self._state, clock=clock, engine=engine, mutable=mutable,
-            memory_probe=memory_probe, before_load=self._before_load,
+            name, device, self._state, clock=clock, engine=engine, mutable=mutable,
+            memory_probe=memory_probe, before_load=self._before_load, admission=admission,
         )
-        self._watcher = DeadlineWatcher(self._due, clock=clock, name=f"gpu-watcher-{name}")
+        if watcher_group is not None:
+            self._watcher: DeadlineWatcher | WatcherMember = watcher_group.member(self._due, repr(name))
+        else:
+            self._watcher = DeadlineWatcher(self._due, clock=clock, name=f"gpu-watcher-{name}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> GPUResourceManager:
@@ -125,6 +135,11 @@ class GPUResourceManager:
     def running(self) -> bool:
         """Whether the idle watcher runs (the seed's attribute)."""
         return self._watcher.running
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device (in a pool: where the model was placed last)."""
+        return self._mover.device
 
     @property
     def idle_timeout(self) -> float:
@@ -335,6 +350,9 @@ class GPUResourceManager:
             A JSON-ready dict (the schema in DESIGN.md); sizes ``*_gb`` are GiB.
         """
         fields = device_status(self.device, monitor_running=self.running, reading=self._mover.read_memory())
+        label = None if self._admission is None else self._admission.device_label()
+        if label is not None:
+            fields["device"] = label
         now = self._clock()
         with self._cond:
             if self._state.transition is None:
@@ -385,6 +403,8 @@ class GPUResourceManager:
                 state.pending.add("offload:after_use")
         self._settle_quietly()
         self._watcher.wake()
+        if self._admission is not None:
+            self._admission.idle()
 
     def _request(self, action: str) -> ActionResult:
         """A manual offload or release: done now, deferred, or nothing to do."""

@@ -4,6 +4,9 @@ The owner gives a callback that carries out whatever is due at the current time 
 returns the next deadline (a value of the owner's clock) or None. The watcher waits until
 that deadline or until `wake()` is called (the owner calls it whenever a deadline may
 have moved: a timeout changed, the model was used), then calls the callback again.
+
+A `WatcherGroup` runs several owners (the models of a pool) on one such thread: each owner
+holds a `WatcherMember`, which starts, stops and wakes like a watcher of its own.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["DeadlineWatcher", "FIRST_RETRY", "MAX_RETRY", "MAX_SLEEP"]
+__all__ = ["DeadlineWatcher", "FIRST_RETRY", "MAX_RETRY", "MAX_SLEEP", "WatcherGroup", "WatcherMember"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,8 @@ class DeadlineWatcher:
                 return False
             self._stop.set()
             self._wake.set()
-            thread.join(timeout)
+            if thread is not threading.current_thread():  # stopped from its own callback: it ends by itself
+                thread.join(timeout)
             self._thread = None
             return True
 
@@ -103,3 +107,106 @@ class DeadlineWatcher:
                 self._wake.wait(MAX_SLEEP)
             else:
                 self._wake.wait(min(max(deadline - self._clock(), 0.0), MAX_SLEEP))
+
+
+class WatcherGroup:
+    """One `DeadlineWatcher` thread for several owners (a pool's models).
+
+    Each owner gets a `WatcherMember` (``member(due)``) that it starts, stops and wakes as
+    if it had a thread of its own. The thread runs while at least one member is started;
+    one member's failing check is logged and retried without holding up the others.
+
+    Args:
+        clock: the clock the members' deadlines are expressed in.
+        name: the thread's name.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, name: str = "gpu-pool-watcher") -> None:
+        self._clock = clock
+        self._lock = threading.Lock()  # guards the member list
+        self._switch = threading.Lock()  # one start or stop of the thread at a time
+        self._active: list[WatcherMember] = []
+        self._watcher = DeadlineWatcher(self._due, clock=clock, name=name)
+
+    @property
+    def running(self) -> bool:
+        """Whether the group's thread is alive."""
+        return self._watcher.running
+
+    def member(self, due: Callable[[float], float | None], label: str = "") -> WatcherMember:
+        """A handle for one owner whose ``due(now)`` returns its next deadline or None."""
+        return WatcherMember(self, due, label)
+
+    def stop(self) -> None:
+        """Stop every member and the thread."""
+        with self._lock:
+            self._active.clear()
+        self._watcher.stop()
+
+    def _start(self, member: WatcherMember) -> bool:
+        with self._switch:
+            with self._lock:
+                if member in self._active:
+                    return False
+                self._active.append(member)
+            self._watcher.start()
+            self._watcher.wake()
+            return True
+
+    def _stop(self, member: WatcherMember) -> bool:
+        with self._switch:
+            with self._lock:
+                if member not in self._active:
+                    return False
+                self._active.remove(member)
+                last = not self._active
+            if last:
+                self._watcher.stop()
+            return True
+
+    def _is_active(self, member: WatcherMember) -> bool:
+        with self._lock:
+            return member in self._active
+
+    def _wake(self) -> None:
+        self._watcher.wake()
+
+    def _due(self, now: float) -> float | None:
+        with self._lock:
+            members = list(self._active)
+        deadlines = []
+        for member in members:
+            try:
+                deadline = member.due(now)
+            except Exception:
+                logger.exception("The GPU watcher's check of %s failed; retrying in %g s", member.label, FIRST_RETRY)
+                deadline = self._clock() + FIRST_RETRY
+            if deadline is not None:
+                deadlines.append(deadline)
+        return min(deadlines) if deadlines else None
+
+
+class WatcherMember:
+    """One owner's share of a `WatcherGroup`: the interface of a `DeadlineWatcher`."""
+
+    def __init__(self, group: WatcherGroup, due: Callable[[float], float | None], label: str) -> None:
+        self._group = group
+        self.due = due
+        self.label = label or "a model"
+
+    @property
+    def running(self) -> bool:
+        """Whether this member is started and the group's thread is alive."""
+        return self._group._is_active(self) and self._group.running
+
+    def start(self) -> bool:
+        """Have the group check this member; False when it already did."""
+        return self._group._start(self)
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop checking this member; False when it was not started."""
+        return self._group._stop(self)
+
+    def wake(self) -> None:
+        """Make the group re-plan now (a deadline of this member may have moved)."""
+        self._group._wake()

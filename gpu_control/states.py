@@ -75,8 +75,19 @@ KIND_NAMES = {
 }
 """A transition's name in status (``last_transition.kind``) and in listener events."""
 
-REASONS = ("request", "after_use", "idle_timeout", "release_timeout", "manual", "preheat")
-"""Why a transition happened (``last_transition.reason``)."""
+REASONS = (
+    "request",
+    "after_use",
+    "idle_timeout",
+    "release_timeout",
+    "manual",
+    "preheat",
+    "evicted",
+    "host_budget",
+)
+"""Why a transition happened (``last_transition.reason``): ``evicted`` when a pool made room on
+the device for another model, ``host_budget`` when it released a cached model to stay within
+the host budget."""
 
 
 def human_bytes(n_bytes: int) -> str:

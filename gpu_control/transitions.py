@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import leaks
+from .admission import Admission
 from .errors import GpuControlError, LoadError, OutOfMemory, TransferError
 from .memory import MemoryReading, empty_cache, to_gb
 from .model_state import ModelState
@@ -50,6 +51,7 @@ class Mover:
         mutable: passed to the engine (copy the weights back at each offload).
         memory_probe: reads the device's memory figures.
         before_load: called before each load function runs (the manager starts its watcher).
+        admission: a pool's hooks (room before each move in, news after each move out), or None.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Mover:
         mutable: bool,
         memory_probe: Callable[[torch.device], MemoryReading],
         before_load: Callable[[], object],
+        admission: Admission | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -72,6 +75,7 @@ class Mover:
         self._mutable = mutable
         self._memory_probe = memory_probe
         self._before_load = before_load
+        self.admission = admission
         self._listeners: list[TransitionListener] = []
         self._listeners_lock = threading.Lock()
 
@@ -129,7 +133,11 @@ class Mover:
             if kind is Transition.LOADING:
                 self._before_load()
                 weights = loaded = self._load(func)
+                if self.admission is not None:
+                    self.admission.loaded(weights)
             assert weights is not None
+            if self.admission is not None:
+                self._place(weights, self.admission.room(weights, reason))
             transfer = self._to_device(weights)
         except BaseException as error:
             self._bring_in_failed(kind, attempt, error, loaded)
@@ -158,12 +166,26 @@ class Mover:
             raise LoadError("The load function returned None; it must return the model.")
         return self._engine(model, self.device, mutable=self._mutable)
 
+    def _place(self, weights: ModelWeights, device: torch.device) -> None:
+        """Move in to ``device`` (a pool may bring a cached model back on another card)."""
+        if device != self.device:
+            logger.info("Placing %r on %s (was %s)", self.name, device, self.device)
+            weights.device = device
+            self.device = device
+
     def _to_device(self, weights: ModelWeights) -> Transfer:
+        """Copy the weights to the device; in a pool, a driver out-of-memory evicts more and retries once."""
         try:
             return weights.to_device()
         except torch.cuda.OutOfMemoryError:
-            free = self.read_memory().free
-            raise OutOfMemory(str(self.device), weights.size_bytes, free) from None
+            retry = self.admission is not None and self.admission.more_room(weights)
+            if not retry:
+                raise OutOfMemory(str(self.device), weights.size_bytes, self.read_memory().free) from None
+        logger.warning("The driver ran out of memory moving %r to %s; evicted more, retrying once", self.name, self.device)
+        try:
+            return weights.to_device()
+        except torch.cuda.OutOfMemoryError:
+            raise OutOfMemory(str(self.device), weights.size_bytes, self.read_memory().free) from None
 
     def _bring_in_failed(
         self, kind: Transition, attempt: int, error: BaseException, loaded: ModelWeights | None
@@ -205,6 +227,8 @@ class Mover:
         else:
             action = "Restoring"
         logger.error("%s %r failed: %s", action, self.name, message)
+        if self.admission is not None:
+            self.admission.left()
 
     @staticmethod
     def _wrap(kind: Transition, error: BaseException) -> BaseException:
@@ -278,6 +302,8 @@ class Mover:
             state.last_transition = self._record(kind, reason, seconds, transfer.bytes_copied)
             state.leaks.after_move(kind, weights, leaked, held, self._clock())
             state.end_move()
+        if self.admission is not None:
+            self.admission.left()
         verb = "Offloaded" if kind is Transition.OFFLOADING else "Released"
         self._log(verb, reason, seconds, transfer.bytes_copied)
         self.notify(kind, reason, seconds, transfer.bytes_copied, ok=True)
@@ -369,6 +395,7 @@ class Mover:
 
     def _log(self, verb: str, reason: str, seconds: float, bytes_copied: int) -> None:
         reading = self.read_memory()
+        label = None if self.admission is None else self.admission.device_label()
         logger.info(
             "%s %r in %.2f s (reason: %s, %s copied, device %s); GPU memory: allocated %.2f GB, reserved %.2f GB",
             verb,
@@ -376,7 +403,7 @@ class Mover:
             seconds,
             reason,
             human_bytes(bytes_copied),
-            self.device,
+            label or self.device,
             to_gb(reading.allocated),
             to_gb(reading.reserved),
         )

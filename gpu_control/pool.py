@@ -1,0 +1,510 @@
+"""Several models on one or more devices: budgets, eviction, priorities, waiting, placement.
+
+    pool = GPUPool(devices=["cuda:0", "cuda:1"], budget_gb=20)
+    talk = pool.add("infinitetalk", load_infinitetalk, priority=1, working_gb=4)
+    multi = pool.add("multitalk", load_multitalk)
+    with talk.use() as model:          # a GPUResourceManager: the single-model API works
+        ...
+
+Each model keeps its own `GPUResourceManager`, which still decides *when* its model moves.
+Before a load or restore its mover asks the pool for room (the `Admission` hooks, carried out
+by a `_Slot`): the pool admits it where it fits, evicts idle models of equal or lower priority
+(offload to the host cache: a pointer swap), or makes it wait in a queue served by priority,
+then arrival. The ledger and its decisions live in pool_ledger.py, the devices and budgets in
+pool_devices.py; this module holds the lock, waits, and carries out evictions outside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_RELEASE_TIMEOUT
+from .errors import GpuControlError, InvalidSetting, OutOfMemory, TransferError, WaitTimeout
+from .manager import GPUResourceManager
+from .memory import GIB, MemoryReading, read_memory
+from .monitor import WatcherGroup
+from .pool_devices import (
+    DEFAULT_WAIT_TIMEOUT,
+    PoolDevice,
+    device_budgets,
+    host_budget_bytes,
+    parse_devices,
+    validate_wait_timeout,
+)
+from .pool_ledger import Books, Entry, EntryView, Grant, Waiter, gb_text
+from .security import excerpt
+from .states import ActionResult, Location, Transition
+from .weights import ModelWeights, attach
+
+__all__ = ["GPUPool", "POLL_S"]
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5
+"""A waiting request re-plans at least this often (room may appear without a signal)."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_PRIORITY = 1_000_000
+
+
+class GPUPool:
+    """Several models sharing one or more devices within budgets.
+
+    Args:
+        devices: None (every visible CUDA device, else the CPU), or names such as
+            ``["cuda:0", "cuda:1"]``; ``"emulated:N"`` is the CPU standing in for a card
+            with real copies and its own budget (tests, demos without a GPU).
+        budget_gb: GiB the pool may use on each device for weights and working memory: None
+            (the device's total minus ``reserve_gb``), one number, or a dict by device.
+        reserve_gb: GiB left free on each device whose budget is not given.
+        host_budget_gb: GiB of host RAM for the models' host copies; None: the pin limit
+            (``GPU_PIN_LIMIT_GB``). Past it, idle cached models are released.
+        wait_timeout: seconds a load or restore may wait for room before it fails.
+        clock: monotonic clock of the models' timeouts and of ``waited_s`` (tests).
+
+    Raises:
+        InvalidSetting: a device, budget or timeout that cannot be used.
+    """
+
+    def __init__(
+        self,
+        devices: str | Sequence[Any] | None = None,
+        budget_gb: Any = None,
+        reserve_gb: Any = 1.0,
+        host_budget_gb: Any = None,
+        wait_timeout: Any = DEFAULT_WAIT_TIMEOUT,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        records = parse_devices(devices)
+        device_budgets(records, budget_gb, reserve_gb)
+        self.wait_timeout = validate_wait_timeout("wait_timeout", wait_timeout)
+        self.host_budget = host_budget_bytes(host_budget_gb)
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._books = Books(records)
+        self._names: dict[str, Entry] = {}
+        self._slots: dict[int, _Slot] = {}
+        self._watchers = WatcherGroup(clock=clock, name="gpu-pool-watcher")
+        logger.info(
+            "GPU pool on %s (host budget %s, wait timeout %g s)",
+            ", ".join(f"{d.name}: {gb_text(d.budget)}" for d in records),
+            gb_text(self.host_budget),
+            self.wait_timeout,
+        )
+
+    # ------------------------------------------------------------------ models
+
+    def add(
+        self,
+        name: str,
+        load_func: Callable[[], Any] | None,
+        priority: int = 0,
+        working_gb: float = 0.0,
+        device: str | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        release_timeout: float = DEFAULT_RELEASE_TIMEOUT,
+        offload_after_use: bool = True,
+        *,
+        mutable: bool = False,
+        engine: Callable[..., ModelWeights] | None = None,
+    ) -> GPUResourceManager:
+        """Add a model; nothing is loaded until its first use.
+
+        Args:
+            name: letters, digits, ``.``, ``_``, ``-`` (it appears in URLs); unique in the pool.
+            load_func: builds the model on the host (CPU); the pool measures it before the
+                first copy to a device.
+            priority: higher keeps its place longer and is served first.
+            working_gb: GiB the model needs on the device beyond its weights while it runs.
+            device: keep it on this device; None lets the pool place it.
+            idle_timeout, release_timeout, offload_after_use: as for `GPUResourceManager`.
+            mutable: the model changes its own weights (see `GPUResourceManager`).
+            engine: the weight mover (``weights.attach`` by default; tests record moves).
+
+        Returns:
+            The model's `GPUResourceManager`.
+
+        Raises:
+            InvalidSetting: a bad name, a name already used, a bad priority, working memory,
+                timeout or device.
+        """
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidSetting(
+                f"A model name is 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+                f"not {excerpt(name)}."
+            )
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _MAX_PRIORITY:
+            raise InvalidSetting(f"priority must be a whole number from -{_MAX_PRIORITY} to {_MAX_PRIORITY}, not {excerpt(priority)}.")
+        from .pool_devices import _gb
+
+        working = int(_gb("working_gb", working_gb, positive=False) * GIB)
+        pinned = None if device is None else self._device(device)
+        entry = Entry(name, priority, working, pinned, view=lambda: EntryView())
+        slot = _Slot(self, entry)
+        target = pinned or self._books.devices[0]
+        base = engine or attach
+        manager = GPUResourceManager(
+            idle_timeout,
+            release_timeout,
+            offload_after_use,
+            device=target.torch_device,
+            load_func=load_func,
+            name=name,
+            mutable=mutable,
+            clock=self._clock,
+            memory_probe=slot.memory,
+            engine=functools.partial(base, emulate_device=True) if target.emulated else base,
+            admission=slot,
+            watcher_group=self._watchers,
+        )
+        slot.manager = manager
+        entry.view = slot.view
+        with self._cond:
+            if name in self._names:
+                raise InvalidSetting(f"A model named {name!r} is already in the pool; remove it first or pick another name.")
+            self._names[name] = entry
+            self._slots[id(entry)] = slot
+            self._books.entries.append(entry)
+        logger.info("Added %r to the pool (priority %d, working %s%s)", name, priority, gb_text(working),
+                    "" if pinned is None else f", kept on {pinned.name}")
+        return manager
+
+    def remove(self, name: str) -> ActionResult:
+        """Take a model out of the pool and release it (when its jobs end, if it is in use).
+
+        Waiting requests get its room once it is released.
+
+        Raises:
+            KeyError: no such model (the message names the known ones).
+        """
+        with self._cond:
+            entry = self._entry(name)
+            entry.removed = True
+            del self._names[name]
+            for waiter in [w for w in self._books.waiters if w.entry is entry]:
+                self._books.dequeue(waiter)
+            self._cond.notify_all()
+        manager = self._slots[id(entry)].manager
+        result = manager.force_release()
+        self._forget_if_gone(entry)
+        logger.info("Removed %r from the pool: %s", name, result.message)
+        return result
+
+    def __getitem__(self, name: str) -> GPUResourceManager:
+        with self._cond:
+            return self._slots[id(self._entry(name))].manager
+
+    def __contains__(self, name: object) -> bool:
+        with self._cond:
+            return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._names)
+
+    def names(self) -> list[str]:
+        """The models' names, in the order they were added."""
+        with self._cond:
+            return list(self._names)
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices' names (``cuda:0``, ``emulated:1``, …)."""
+        return [device.name for device in self._books.devices]
+
+    def priority(self, name: str) -> int:
+        """A model's priority."""
+        with self._cond:
+            return self._entry(name).priority
+
+    def close(self) -> None:
+        """Release every model and stop the watcher (tests, shutdown)."""
+        for name in self.names():
+            self.remove(name)
+        self._watchers.stop()
+
+    # ------------------------------------------------------------------ status
+
+    def get_status(self) -> dict[str, Any]:
+        """The pool's devices, host tier, models and queue; never waits for a move.
+
+        Returns:
+            ``{"devices": [{"device", "budget_gb", "used_gb", "free_gb", "models"}],
+            "host": {"budget_gb", "used_gb"}, "models": {name: <the manager's status> +
+            {"priority", "device", "working_gb"}}, "waiting": [{"model", "priority",
+            "device", "needed_gb", "waited_s"}]}`` (sizes in GiB).
+        """
+        with self._cond:
+            entries = [self._names[name] for name in self._names]
+            slots = [self._slots[id(entry)] for entry in entries]
+        models: dict[str, Any] = {}
+        for entry, slot in zip(entries, slots):
+            status = slot.manager.get_status()
+            status.update(priority=entry.priority, device=slot.device_label(), working_gb=entry.working / GIB)
+            models[entry.name] = status
+        with self._cond:
+            views = self._books.views()
+            return {
+                "devices": self._books.status_devices(),
+                "host": {
+                    "budget_gb": self.host_budget / GIB,
+                    "used_gb": sum(view.host_bytes for view in views.values()) / GIB,
+                },
+                "models": models,
+                "waiting": self._books.status_waiting(self._clock()),
+            }
+
+    # ------------------------------------------------------------------ admission (the slots call these)
+
+    def _room(self, entry: Entry, need: int) -> torch.device:
+        """Wait until ``entry`` may move in; return its device. See `Admission.room`."""
+        with self._cond:
+            if entry.removed:
+                raise GpuControlError(f"The model {entry.name!r} was removed from the pool.")
+            if not self._books.candidates(entry, need):
+                raise self._never_fits(entry, need)
+            waiter = self._books.enqueue(entry, need, self._clock())
+        started = time.monotonic()
+        deadline = started + self.wait_timeout
+        try:
+            while True:
+                grant = self._await_turn(waiter, deadline)
+                if grant is None:
+                    break
+                self._evict(grant.victims, "evicted")
+                if self._grant_done(waiter, grant, deadline):
+                    break
+        except BaseException:
+            with self._cond:
+                self._books.dequeue(waiter)
+                self._reschedule()
+            raise
+        assert waiter.admitted is not None
+        waited = time.monotonic() - started
+        if waited >= POLL_S:
+            logger.info("%r admitted on %s after waiting %.2f s", entry.name, waiter.admitted.name, waited)
+        return waiter.admitted.torch_device
+
+    def _await_turn(self, waiter: Waiter, deadline: float) -> Grant | None:
+        """Under the lock: wait until the waiter is admitted (None) or granted (its grant)."""
+        with self._cond:
+            self._reschedule()
+            while True:
+                if waiter.admitted is not None:
+                    return None
+                if waiter.grant is not None:
+                    return waiter.grant
+                self._check_wait(waiter, deadline)
+                self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+                self._reschedule()
+
+    def _grant_done(self, waiter: Waiter, grant: Grant, deadline: float) -> bool:
+        """After the evictions: admit once the victims have left; False to queue again."""
+        with self._cond:
+            while True:
+                staying = [v for v in grant.victims if v.charge > 0 and v.device is grant.device]
+                if not staying:
+                    self._books.admit(waiter, grant.device)
+                    self._reschedule()
+                    return True
+                views = self._books.views()
+                if any(not views[id(victim)].leaving for victim in staying):  # used again meanwhile
+                    self._books.drop_grant(waiter)
+                    return False
+                self._check_wait(waiter, deadline)
+                self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _check_wait(self, waiter: Waiter, deadline: float) -> None:
+        if waiter.entry.removed:
+            raise GpuControlError(f"The model {waiter.entry.name!r} was removed from the pool while it waited.")
+        if time.monotonic() < deadline:
+            return
+        devices = self._books.candidates(waiter.entry, waiter.need)
+        holders = self._books.describe(devices, self._books.views(), waiter.entry)
+        raise WaitTimeout(
+            f"No room for {waiter.entry.name!r} ({gb_text(waiter.need)}) after waiting {self.wait_timeout:g} s: "
+            f"{holders}. Try again when those jobs end, release an idle model, or raise the budget, "
+            f"the wait timeout or this model's priority."
+        )
+
+    def _never_fits(self, entry: Entry, need: int) -> OutOfMemory:
+        devices = [entry.pinned] if entry.pinned is not None else self._books.devices
+        largest = max(devices, key=lambda d: d.budget)
+        where = f"the budget of {largest.name}" if len(devices) == 1 else f"the largest device budget ({largest.name})"
+        return OutOfMemory(
+            largest.name,
+            need,
+            largest.budget,
+            message=(
+                f"{entry.name!r} needs {gb_text(need)} (weights {gb_text(need - entry.working)} + working "
+                f"{gb_text(entry.working)}), more than {where}, {gb_text(largest.budget)}: it can never fit. "
+                f"Raise the budget or use a larger device."
+            ),
+        )
+
+    def _reschedule(self) -> None:
+        """Serve the queue (under the lock) and wake the waiters that may go."""
+        if self._books.schedule():
+            self._cond.notify_all()
+
+    def _more_room(self, entry: Entry) -> bool:
+        """The driver ran out of memory moving ``entry`` in: evict every idle model it may evict there."""
+        with self._cond:
+            device = entry.device
+            if device is None:
+                return False
+            victims = self._books.evictable(device, entry.priority, self._books.views())
+            for victim in victims:
+                victim.claimed = True
+        try:
+            self._evict(victims, "evicted")
+        finally:
+            with self._cond:
+                for victim in victims:
+                    victim.claimed = False
+        return bool(victims)
+
+    def _left(self, entry: Entry) -> None:
+        """``entry`` left its device (or never got there): its charge ends; serve the queue."""
+        with self._cond:
+            entry.charge = 0
+            self._reschedule()
+            self._cond.notify_all()
+        if entry.removed:
+            self._forget_if_gone(entry)
+
+    def _changed(self) -> None:
+        """A model became idle: waiters may evict it now."""
+        with self._cond:
+            self._reschedule()
+            self._cond.notify_all()
+
+    def _host_tier(self, entry: Entry, weights: ModelWeights) -> None:
+        """A load built ``weights`` on the host: release idle cached models past the host budget."""
+        with self._cond:
+            views = self._books.views()
+            used = sum(view.host_bytes for view in views.values()) + weights.host_bytes
+            if used <= self.host_budget:
+                return
+            chosen: list[Entry] = []
+            for victim in self._books.host_victims(entry.priority, views):
+                if used <= self.host_budget:
+                    break
+                if victim is not entry:
+                    chosen.append(victim)
+                    used -= views[id(victim)].host_bytes
+        self._evict(chosen, "host_budget", action="release")
+        if used > self.host_budget:
+            logger.warning(
+                "The host copies use %s, past the host budget of %s: no idle cached model of priority "
+                "%d or lower is left to release.", gb_text(used), gb_text(self.host_budget), entry.priority,
+            )
+
+    def _evict(self, victims: list[Entry], reason: str, action: str = "offload") -> None:
+        """Offload (or release) each victim now, outside the pool's lock; failures are logged."""
+        for victim in victims:
+            manager = self._slots[id(victim)].manager
+            logger.info("Pool: %s %r (%s) to make room", "offloading" if action == "offload" else "releasing",
+                        victim.name, gb_text(victim.charge) if action == "offload" else "host copy")
+            try:
+                manager._move_out(action, reason)
+            except TransferError:
+                pass  # logged by the mover and kept in the victim's last_error; the waiter re-plans
+
+    def _forget_if_gone(self, entry: Entry) -> None:
+        """Drop a removed model from the books once it holds nothing."""
+        slot = self._slots.get(id(entry))
+        if slot is None:
+            return
+        if slot.manager.location is Location.UNLOADED and slot.manager.transition is None:
+            slot.manager.stop_monitor()
+            with self._cond:
+                if entry in self._books.entries and entry.charge == 0:
+                    self._books.entries.remove(entry)
+                    del self._slots[id(entry)]
+                    self._reschedule()
+
+    def _reading(self, entry: Entry) -> MemoryReading:
+        """An emulated device's memory figures: the pool's own accounting."""
+        with self._cond:
+            device = entry.device or entry.pinned or self._books.devices[0]
+            used = self._books.used(device)
+            return MemoryReading(allocated=used, reserved=used, free=max(0, device.budget - used), total=device.budget)
+
+    def _device(self, name: str) -> PoolDevice:
+        wanted = str(name).strip().lower()
+        if wanted == "cuda":
+            wanted = "cuda:0"
+        for device in self._books.devices:
+            if device.name == wanted:
+                return device
+        raise InvalidSetting(f"Device {excerpt(name)} is not one of the pool's devices ({', '.join(self.devices)}).")
+
+    def _entry(self, name: str) -> Entry:
+        entry = self._names.get(name) if isinstance(name, str) else None
+        if entry is None:
+            known = ", ".join(repr(n) for n in self._names) or "none"
+            raise KeyError(f"No model named {excerpt(name)} in the pool; known models: {known}.")
+        return entry
+
+
+class _Slot:
+    """One model's `Admission`: its manager's mover calls these, outside the manager's lock."""
+
+    def __init__(self, pool: GPUPool, entry: Entry) -> None:
+        self.pool = pool
+        self.entry = entry
+        self.manager: GPUResourceManager  # set right after the manager is built
+
+    def view(self) -> EntryView:
+        """The model's state for the pool's decisions, read under the manager's lock."""
+        state = self.manager._state
+        with self.manager._cond:
+            idle = state.transition is None and state.leases == 0
+            weights = state.weights
+            return EntryView(
+                idle_on_device=idle and state.location is Location.GPU,
+                cached_idle=idle and state.location is Location.CPU,
+                leaving=state.transition in (Transition.OFFLOADING, Transition.RELEASING),
+                in_use=state.leases,
+                last_used=state.last_used,
+                host_bytes=0 if weights is None else weights.host_bytes,
+            )
+
+    def memory(self, device: torch.device) -> MemoryReading:
+        """The manager's memory probe: the driver's figures, or the pool's for an emulated card."""
+        placed = self.entry.device or self.entry.pinned or self.pool._books.devices[0]
+        if placed.emulated:
+            return self.pool._reading(self.entry)
+        return read_memory(device)
+
+    def loaded(self, weights: ModelWeights) -> None:
+        self.pool._host_tier(self.entry, weights)
+
+    def room(self, weights: ModelWeights, reason: str) -> torch.device:
+        return self.pool._room(self.entry, weights.size_bytes + self.entry.working)
+
+    def more_room(self, weights: ModelWeights) -> bool:
+        return self.pool._more_room(self.entry)
+
+    def left(self) -> None:
+        self.pool._left(self.entry)
+
+    def idle(self) -> None:
+        self.pool._changed()
+
+    def device_label(self) -> str | None:
+        placed = self.entry.device or self.entry.pinned or self.pool._books.devices[0]
+        return placed.name

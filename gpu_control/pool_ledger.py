@@ -1,0 +1,276 @@
+"""The pool's books: who holds what on which device, who waits, and who may go next.
+
+Plain data and decisions, no threads and no moves: `GPUPool` (pool.py) holds the lock while
+it calls these, and carries out the evictions they choose outside it.
+
+How the budget stays exact:
+
+- A model's *charge* (``size + working``) counts against its device from the moment it is
+  admitted (before its first byte is copied in) until its offload or release has ended.
+- A waiter whose admission needs evictions gets a *grant*: the idle models it will evict
+  are *claimed* (nobody else plans with them) and its need is *promised* on the device. Free
+  room for planning is ``budget - charges - promises + claimed charges``, so that a promised
+  waiter keeps the room its victims free up, and the charges alone never pass the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .memory import GIB
+from .pool_devices import PoolDevice
+
+__all__ = ["Books", "Entry", "EntryView", "Grant", "Waiter", "gb_text"]
+
+
+def gb_text(n_bytes: int) -> str:
+    """Bytes as ``1.50 GiB`` for a message."""
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class EntryView:
+    """What the pool needs to know of a model's state, read under its manager's lock."""
+
+    idle_on_device: bool = False  # on the device, no lease, nothing moving: may be evicted
+    cached_idle: bool = False  # in the host cache, no lease, nothing moving: may be released
+    leaving: bool = False  # an offload or release is under way
+    in_use: int = 0
+    last_used: float | None = None
+    host_bytes: int = 0
+
+
+@dataclass(eq=False)
+class Entry:
+    """One model in the books."""
+
+    name: str
+    priority: int
+    working: int
+    pinned: PoolDevice | None
+    view: Callable[[], EntryView] = field(repr=False)
+    device: PoolDevice | None = None  # where it is charged now, or was placed last
+    charge: int = 0  # bytes counted against ``device`` now
+    claimed: bool = False  # a grant will evict it
+    removed: bool = False
+
+
+@dataclass(eq=False)
+class Grant:
+    """Admission on ``device`` once ``victims`` have left it."""
+
+    device: PoolDevice
+    victims: list[Entry]
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A load or restore waiting for room."""
+
+    entry: Entry
+    need: int
+    seq: int
+    since: float
+    grant: Grant | None = None
+    admitted: PoolDevice | None = None  # set when the charge is made
+
+    def rank(self) -> tuple[int, int]:
+        """Served by priority (higher first), then arrival."""
+        return (-self.entry.priority, self.seq)
+
+
+class Books:
+    """The ledger of one pool. Every method expects the pool's lock to be held."""
+
+    def __init__(self, devices: list[PoolDevice]) -> None:
+        self.devices = devices
+        self.entries: list[Entry] = []  # removed ones stay until they hold nothing
+        self.waiters: list[Waiter] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------------ figures
+
+    def used(self, device: PoolDevice) -> int:
+        """Bytes charged on ``device``."""
+        return sum(entry.charge for entry in self.entries if entry.device is device)
+
+    def free(self, device: PoolDevice) -> int:
+        """Room left for planning: budget minus charges and promises, plus claimed charges."""
+        promised = sum(w.need for w in self.waiters if w.grant is not None and w.grant.device is device)
+        claimed = sum(e.charge for e in self.entries if e.claimed and e.device is device)
+        return device.budget - self.used(device) - promised + claimed
+
+    def holders(self, device: PoolDevice) -> list[Entry]:
+        """The models charged on ``device``."""
+        return [entry for entry in self.entries if entry.device is device and entry.charge > 0]
+
+    def candidates(self, entry: Entry, need: int) -> list[PoolDevice]:
+        """The devices ``entry`` may ever use: its pinned one, else any whose budget is large enough."""
+        devices = [entry.pinned] if entry.pinned is not None else self.devices
+        return [device for device in devices if need <= device.budget]
+
+    # ------------------------------------------------------------------ waiting
+
+    def enqueue(self, entry: Entry, need: int, now: float) -> Waiter:
+        """Put a request in the queue (its rank is fixed now)."""
+        self._seq += 1
+        waiter = Waiter(entry, need, self._seq, now)
+        self.waiters.append(waiter)
+        return waiter
+
+    def dequeue(self, waiter: Waiter) -> None:
+        """Take a request out of the queue (admitted, timed out or failed); unclaim its victims."""
+        self.drop_grant(waiter)
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+
+    def drop_grant(self, waiter: Waiter) -> None:
+        """Give up a grant (a victim could not be evicted): the waiter queues again, same rank."""
+        if waiter.grant is not None:
+            for victim in waiter.grant.victims:
+                victim.claimed = False
+            waiter.grant = None
+
+    def admit(self, waiter: Waiter, device: PoolDevice) -> None:
+        """Charge the waiter's model on ``device`` and take it out of the queue."""
+        self.dequeue(waiter)
+        waiter.entry.device = device
+        waiter.entry.charge = waiter.need
+        waiter.admitted = device
+
+    def schedule(self) -> list[Waiter]:
+        """Serve the queue in rank order; return the waiters granted or admitted now.
+
+        A waiter that cannot go blocks its devices for the waiters ranked after it, so a
+        large or high-priority request is not starved by a stream of small ones.
+        """
+        served: list[Waiter] = []
+        blocked: set[int] = set()
+        views = self._views()
+        for waiter in sorted((w for w in self.waiters if w.grant is None), key=Waiter.rank):
+            devices = [d for d in self.candidates(waiter.entry, waiter.need) if id(d) not in blocked]
+            grant = self.plan(waiter, devices, views)
+            if grant is None:
+                blocked.update(id(d) for d in self.candidates(waiter.entry, waiter.need))
+                continue
+            if grant.victims:
+                for victim in grant.victims:
+                    victim.claimed = True
+                waiter.grant = grant
+            else:
+                self.admit(waiter, grant.device)
+            served.append(waiter)
+        return served
+
+    def plan(self, waiter: Waiter, devices: Iterable[PoolDevice], views: dict[int, EntryView]) -> Grant | None:
+        """Where ``waiter`` goes: the device with most free room that fits it without eviction,
+        else the one where eviction frees the fewest bytes; None when neither exists."""
+        devices = list(devices)
+        fits = [device for device in devices if self.free(device) >= waiter.need]
+        if fits:
+            return Grant(max(fits, key=self.free), [])
+        best: tuple[int, int] | None = None
+        chosen: Grant | None = None
+        for device in devices:
+            victims = self.victims(device, waiter.entry.priority, waiter.need, views)
+            if victims is None:
+                continue
+            cost = (sum(v.charge for v in victims), len(victims))
+            if best is None or cost < best:
+                best, chosen = cost, Grant(device, victims)
+        return chosen
+
+    def victims(
+        self, device: PoolDevice, priority: int, need: int, views: dict[int, EntryView]
+    ) -> list[Entry] | None:
+        """Idle models to offload from ``device`` so that ``need`` fits, in eviction order
+        (lower priority first, then least recently used); only priorities up to ``priority``.
+        None when evicting every such model would not be enough."""
+        free = self.free(device)
+        chosen: list[Entry] = []
+        for entry in self.evictable(device, priority, views):
+            if free >= need:
+                break
+            chosen.append(entry)
+            free += entry.charge
+        return chosen if free >= need else None
+
+    def evictable(self, device: PoolDevice, priority: int, views: dict[int, EntryView]) -> list[Entry]:
+        """Idle models on ``device`` of priority up to ``priority``, in eviction order."""
+        found = [
+            entry
+            for entry in self.holders(device)
+            if not entry.claimed and entry.priority <= priority and views[id(entry)].idle_on_device
+        ]
+        return sorted(found, key=lambda e: (e.priority, _age(views[id(e)].last_used)))
+
+    def host_victims(self, priority: int, views: dict[int, EntryView]) -> list[Entry]:
+        """Idle cached models the host tier may release, in order (lower priority, then LRU)."""
+        found = [e for e in self.entries if e.priority <= priority and views[id(e)].cached_idle]
+        return sorted(found, key=lambda e: (e.priority, _age(views[id(e)].last_used)))
+
+    def _views(self) -> dict[int, EntryView]:
+        return {id(entry): entry.view() for entry in self.entries}
+
+    def views(self) -> dict[int, EntryView]:
+        """Every model's state now (each read under its manager's lock)."""
+        return self._views()
+
+    # ------------------------------------------------------------------ words
+
+    def describe(self, devices: Iterable[PoolDevice], views: dict[int, EntryView], requester: Entry) -> str:
+        """What holds ``devices``, for the message of a request that waited in vain."""
+        parts = []
+        for device in devices:
+            holders = self.holders(device)
+            if not holders:
+                promised = self.free(device) < device.budget
+                parts.append(f"{device.name} is promised to other waiting models" if promised else f"{device.name} is free")
+                continue
+            words = []
+            for entry in holders:
+                view = views.get(id(entry), EntryView())
+                if view.in_use:
+                    state = f"in use by {view.in_use} job(s)"
+                elif view.leaving:
+                    state = "leaving"
+                elif entry.priority > requester.priority:
+                    state = f"idle, priority {entry.priority} above {requester.priority}"
+                else:
+                    state = "moving in"
+                words.append(f"'{entry.name}' ({gb_text(entry.charge)}, {state})")
+            parts.append(f"{device.name} ({gb_text(self.used(device))} of {gb_text(device.budget)}) holds " + ", ".join(words))
+        return "; ".join(parts)
+
+    def status_devices(self) -> list[dict[str, Any]]:
+        """The ``devices`` part of the pool status."""
+        return [
+            {
+                "device": device.name,
+                "budget_gb": device.budget / GIB,
+                "used_gb": self.used(device) / GIB,
+                "free_gb": max(0, device.budget - self.used(device)) / GIB,
+                "models": [entry.name for entry in self.holders(device)],
+            }
+            for device in self.devices
+        ]
+
+    def status_waiting(self, now: float) -> list[dict[str, Any]]:
+        """The ``waiting`` part of the pool status, in serving order."""
+        return [
+            {
+                "model": w.entry.name,
+                "priority": w.entry.priority,
+                "device": None if w.entry.pinned is None else w.entry.pinned.name,
+                "needed_gb": w.need / GIB,
+                "waited_s": max(0.0, now - w.since),
+            }
+            for w in sorted(self.waiters, key=Waiter.rank)
+        ]
+
+
+def _age(last_used: float | None) -> float:
+    """Sort key: never used counts as the oldest."""
+    return float("-inf") if last_used is None else last_used
