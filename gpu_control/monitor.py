@@ -121,7 +121,9 @@ class WatcherGroup:
         name: the thread's name.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, name: str = "gpu-pool-watcher") -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, name: str = "gpu-pool-watcher"
+    ) -> None:
         self._clock = clock
         self._lock = threading.Lock()  # guards the member list
         self._switch = threading.Lock()  # one start or stop of the thread at a time
@@ -179,7 +181,9 @@ class WatcherGroup:
             try:
                 deadline = member.due(now)
             except Exception:
-                logger.exception("The GPU watcher's check of %s failed; retrying in %g s", member.label, FIRST_RETRY)
+                logger.exception(
+                    "The GPU watcher's check of %s failed; retrying in %g s", member.label, FIRST_RETRY
+                )
                 deadline = self._clock() + FIRST_RETRY
             if deadline is not None:
                 deadlines.append(deadline)

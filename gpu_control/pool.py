@@ -139,11 +139,15 @@ class GPUPool:
         """
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidSetting(
-                f"A model name is 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+                "A model name is 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter "
+                "or digit), "
                 f"not {excerpt(name)}."
             )
         if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _MAX_PRIORITY:
-            raise InvalidSetting(f"priority must be a whole number from -{_MAX_PRIORITY} to {_MAX_PRIORITY}, not {excerpt(priority)}.")
+            raise InvalidSetting(
+                f"priority must be a whole number from -{_MAX_PRIORITY} to {_MAX_PRIORITY}, "
+                f"not {excerpt(priority)}."
+            )
         from .pool_devices import _gb
 
         working = int(_gb("working_gb", working_gb, positive=False) * GIB)
@@ -170,12 +174,19 @@ class GPUPool:
         entry.view = slot.view
         with self._cond:
             if name in self._names:
-                raise InvalidSetting(f"A model named {name!r} is already in the pool; remove it first or pick another name.")
+                raise InvalidSetting(
+                    f"A model named {name!r} is already in the pool; remove it first or pick another name."
+                )
             self._names[name] = entry
             self._slots[id(entry)] = slot
             self._books.entries.append(entry)
-        logger.info("Added %r to the pool (priority %d, working %s%s)", name, priority, gb_text(working),
-                    "" if pinned is None else f", kept on {pinned.name}")
+        logger.info(
+            "Added %r to the pool (priority %d, working %s%s)",
+            name,
+            priority,
+            gb_text(working),
+            "" if pinned is None else f", kept on {pinned.name}",
+        )
         return manager
 
     def remove(self, name: str) -> ActionResult:
@@ -320,21 +331,28 @@ class GPUPool:
                     self._reschedule()
                     return True
                 views = self._books.views()
-                if any(not views[id(victim)].leaving for victim in staying):  # used again meanwhile
+                if any(
+                    not views[id(victim)].leaving for victim in staying
+                ):  # used again, or its offload failed
                     self._books.drop_grant(waiter)
+                    self._check_wait(waiter, deadline)
+                    self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))  # no tight retry loop
                     return False
                 self._check_wait(waiter, deadline)
                 self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
     def _check_wait(self, waiter: Waiter, deadline: float) -> None:
         if waiter.entry.removed:
-            raise GpuControlError(f"The model {waiter.entry.name!r} was removed from the pool while it waited.")
+            raise GpuControlError(
+                f"The model {waiter.entry.name!r} was removed from the pool while it waited."
+            )
         if time.monotonic() < deadline:
             return
         devices = self._books.candidates(waiter.entry, waiter.need)
         holders = self._books.describe(devices, self._books.views(), waiter.entry)
         raise WaitTimeout(
-            f"No room for {waiter.entry.name!r} ({gb_text(waiter.need)}) after waiting {self.wait_timeout:g} s: "
+            f"No room for {waiter.entry.name!r} ({gb_text(waiter.need)}) "
+            f"after waiting {self.wait_timeout:g} s: "
             f"{holders}. Try again when those jobs end, release an idle model, or raise the budget, "
             f"the wait timeout or this model's priority."
         )
@@ -342,7 +360,11 @@ class GPUPool:
     def _never_fits(self, entry: Entry, need: int) -> OutOfMemory:
         devices = [entry.pinned] if entry.pinned is not None else self._books.devices
         largest = max(devices, key=lambda d: d.budget)
-        where = f"the budget of {largest.name}" if len(devices) == 1 else f"the largest device budget ({largest.name})"
+        where = (
+            f"the budget of {largest.name}"
+            if len(devices) == 1
+            else f"the largest device budget ({largest.name})"
+        )
         return OutOfMemory(
             largest.name,
             need,
@@ -409,15 +431,22 @@ class GPUPool:
         if used > self.host_budget:
             logger.warning(
                 "The host copies use %s, past the host budget of %s: no idle cached model of priority "
-                "%d or lower is left to release.", gb_text(used), gb_text(self.host_budget), entry.priority,
+                "%d or lower is left to release.",
+                gb_text(used),
+                gb_text(self.host_budget),
+                entry.priority,
             )
 
     def _evict(self, victims: list[Entry], reason: str, action: str = "offload") -> None:
         """Offload (or release) each victim now, outside the pool's lock; failures are logged."""
         for victim in victims:
             manager = self._slots[id(victim)].manager
-            logger.info("Pool: %s %r (%s) to make room", "offloading" if action == "offload" else "releasing",
-                        victim.name, gb_text(victim.charge) if action == "offload" else "host copy")
+            logger.info(
+                "Pool: %s %r (%s) to make room",
+                "offloading" if action == "offload" else "releasing",
+                victim.name,
+                gb_text(victim.charge) if action == "offload" else "host copy",
+            )
             try:
                 manager._move_out(action, reason)
             except TransferError:
@@ -441,7 +470,9 @@ class GPUPool:
         with self._cond:
             device = entry.device or entry.pinned or self._books.devices[0]
             used = self._books.used(device)
-            return MemoryReading(allocated=used, reserved=used, free=max(0, device.budget - used), total=device.budget)
+            return MemoryReading(
+                allocated=used, reserved=used, free=max(0, device.budget - used), total=device.budget
+            )
 
     def _device(self, name: str) -> PoolDevice:
         wanted = str(name).strip().lower()
@@ -450,7 +481,9 @@ class GPUPool:
         for device in self._books.devices:
             if device.name == wanted:
                 return device
-        raise InvalidSetting(f"Device {excerpt(name)} is not one of the pool's devices ({', '.join(self.devices)}).")
+        raise InvalidSetting(
+            f"Device {excerpt(name)} is not one of the pool's devices ({', '.join(self.devices)})."
+        )
 
     def _entry(self, name: str) -> Entry:
         entry = self._names.get(name) if isinstance(name, str) else None

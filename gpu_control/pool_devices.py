@@ -112,7 +112,9 @@ def _device(name: Any) -> PoolDevice:
         raise InvalidSetting(f"A device name must be text such as 'cuda:0', not {excerpt(name)}.")
     match = _EMULATED.fullmatch(text)
     if match:
-        return PoolDevice(f"emulated:{int(match.group(1))}", torch.device("cpu"), True, int(EMULATED_TOTAL_GB * GIB))
+        return PoolDevice(
+            f"emulated:{int(match.group(1))}", torch.device("cpu"), True, int(EMULATED_TOTAL_GB * GIB)
+        )
     if text == "cpu":
         return PoolDevice("cpu", torch.device("cpu"), False, int(psutil.virtual_memory().total))
     if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
@@ -162,19 +164,17 @@ def device_budgets(
             device.budget = int(gib * GIB)
 
 
-def _budget_map(budget_gb: Any, devices: list[PoolDevice]) -> dict[str, float]:
-    if budget_gb is None:
+def _budget_map(budget_gb: Any, devices: list[PoolDevice], label: str = "budget_gb") -> dict[str, float]:
+    if budget_gb is None or (isinstance(budget_gb, str) and not budget_gb.strip()):
         return {}
-    if isinstance(budget_gb, str) and "=" not in budget_gb:
-        budget_gb = budget_gb.strip() or None
-        if budget_gb is None:
-            return {}
-    if isinstance(budget_gb, str):
+    if isinstance(budget_gb, str) and "=" in budget_gb:
         pairs: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in budget_gb.split(","))):
             key, sep, value = part.partition("=")
             if not sep:
-                raise InvalidSetting(f"GPU_BUDGET_GB must be a number or 'device=GiB,...', not {excerpt(budget_gb)}.")
+                raise InvalidSetting(
+                    f"{label} must be a number or 'device=GiB,...', not {excerpt(budget_gb)}."
+                )
             pairs[key.strip()] = value
         budget_gb = pairs
     if isinstance(budget_gb, Mapping):
@@ -184,11 +184,12 @@ def _budget_map(budget_gb: Any, devices: list[PoolDevice]) -> dict[str, float]:
             name = _device(key).name if isinstance(key, str) else str(key)
             if name not in known:
                 raise InvalidSetting(
-                    f"budget_gb names {excerpt(key)}, which is not one of the pool's devices ({', '.join(sorted(known))})."
+                    f"{label} names {excerpt(key)}, which is not one of the pool's devices "
+                    f"({', '.join(sorted(known))})."
                 )
-            result[name] = _positive_gb(f"budget_gb[{name}]", value)
+            result[name] = _positive_gb(f"{label}[{name}]", value)
         return result
-    gib = _positive_gb("budget_gb", budget_gb)
+    gib = _positive_gb(label, budget_gb)
     return {device.name: gib for device in devices}
 
 
@@ -216,6 +217,7 @@ class PoolSettings:
         Raises:
             InvalidSetting: a value that cannot be used, naming the variable.
         """
+
         def get(name: str) -> str | None:
             value = environ.get(name, "").strip()
             return value or None
@@ -227,13 +229,15 @@ class PoolSettings:
         wait = get("GPU_WAIT_TIMEOUT")
         records = parse_devices(devices) if devices else None
         if budget is not None:
-            _budget_map(budget, records or parse_devices(None))
+            _budget_map(budget, records or parse_devices(None), "GPU_BUDGET_GB")
         return cls(
             devices=devices,
             budget_gb=budget,
             reserve_gb=1.0 if reserve is None else _gb("GPU_RESERVE_GB", reserve, positive=False),
             host_budget_gb=None if host is None else _gb("GPU_HOST_BUDGET_GB", host, positive=True),
-            wait_timeout=DEFAULT_WAIT_TIMEOUT if wait is None else validate_wait_timeout("GPU_WAIT_TIMEOUT", wait),
+            wait_timeout=DEFAULT_WAIT_TIMEOUT
+            if wait is None
+            else validate_wait_timeout("GPU_WAIT_TIMEOUT", wait),
         )
 
     def pool_kwargs(self) -> dict[str, Any]:

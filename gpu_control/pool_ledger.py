@@ -26,8 +26,10 @@ __all__ = ["Books", "Entry", "EntryView", "Grant", "Waiter", "gb_text"]
 
 
 def gb_text(n_bytes: int) -> str:
-    """Bytes as ``1.50 GiB`` for a message."""
-    return f"{n_bytes / GIB:.2f} GiB"
+    """Bytes for a message: ``1.50 GiB``, or ``24.0 MiB`` below a tenth of a GiB."""
+    if abs(n_bytes) >= GIB / 10:
+        return f"{n_bytes / GIB:.2f} GiB"
+    return f"{n_bytes / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,9 @@ class Books:
             served.append(waiter)
         return served
 
-    def plan(self, waiter: Waiter, devices: Iterable[PoolDevice], views: dict[int, EntryView]) -> Grant | None:
+    def plan(
+        self, waiter: Waiter, devices: Iterable[PoolDevice], views: dict[int, EntryView]
+    ) -> Grant | None:
         """Where ``waiter`` goes: the device with most free room that fits it without eviction,
         else the one where eviction frees the fewest bytes; None when neither exists."""
         devices = list(devices)
@@ -227,7 +231,11 @@ class Books:
             holders = self.holders(device)
             if not holders:
                 promised = self.free(device) < device.budget
-                parts.append(f"{device.name} is promised to other waiting models" if promised else f"{device.name} is free")
+                parts.append(
+                    f"{device.name} is promised to other waiting models"
+                    if promised
+                    else f"{device.name} is free"
+                )
                 continue
             words = []
             for entry in holders:
@@ -241,7 +249,10 @@ class Books:
                 else:
                     state = "moving in"
                 words.append(f"'{entry.name}' ({gb_text(entry.charge)}, {state})")
-            parts.append(f"{device.name} ({gb_text(self.used(device))} of {gb_text(device.budget)}) holds " + ", ".join(words))
+            parts.append(
+                f"{device.name} ({gb_text(self.used(device))} of {gb_text(device.budget)}) holds "
+                + ", ".join(words)
+            )
         return "; ".join(parts)
 
     def status_devices(self) -> list[dict[str, Any]]:

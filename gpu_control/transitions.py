@@ -181,7 +181,11 @@ class Mover:
             retry = self.admission is not None and self.admission.more_room(weights)
             if not retry:
                 raise OutOfMemory(str(self.device), weights.size_bytes, self.read_memory().free) from None
-        logger.warning("The driver ran out of memory moving %r to %s; evicted more, retrying once", self.name, self.device)
+        logger.warning(
+            "The driver ran out of memory moving %r to %s; evicted more, retrying once",
+            self.name,
+            self.device,
+        )
         try:
             return weights.to_device()
         except torch.cuda.OutOfMemoryError:
