@@ -337,11 +337,13 @@ class GPUResourceManager:
             return ActionResult(
                 "preheat",
                 Outcome.DONE,
-                f"Preheat cancelled {cancelled}: the model stays on {self.device} until the idle timeout.",
+                f"Preheat cancelled {cancelled}: the model stays on {self._mover.device_name()} "
+                "until the idle timeout.",
             )
         if already:
             return ActionResult("preheat", Outcome.NOTHING_TO_DO, "The model is already on the device.")
-        return ActionResult("preheat", Outcome.DONE, f"The model is on {self.device}, kept until the idle timeout.")
+        where = self._mover.device_name()
+        return ActionResult("preheat", Outcome.DONE, f"The model is on {where}, kept until the idle timeout.")
 
     def get_status(self) -> dict[str, Any]:
         """Return a snapshot of the lifecycle and memory; never waits for a move.
@@ -350,9 +352,7 @@ class GPUResourceManager:
             A JSON-ready dict (the schema in DESIGN.md); sizes ``*_gb`` are GiB.
         """
         fields = device_status(self.device, monitor_running=self.running, reading=self._mover.read_memory())
-        label = None if self._admission is None else self._admission.device_label()
-        if label is not None:
-            fields["device"] = label
+        fields["device"] = self._mover.device_name()
         now = self._clock()
         with self._cond:
             if self._state.transition is None:

@@ -180,7 +180,7 @@ class Mover:
         except torch.cuda.OutOfMemoryError:
             retry = self.admission is not None and self.admission.more_room(weights)
             if not retry:
-                raise OutOfMemory(str(self.device), weights.size_bytes, self.read_memory().free) from None
+                raise OutOfMemory(self.device_name(), weights.size_bytes, self.read_memory().free) from None
         logger.warning(
             "The driver ran out of memory moving %r to %s; evicted more, retrying once",
             self.name,
@@ -189,7 +189,7 @@ class Mover:
         try:
             return weights.to_device()
         except torch.cuda.OutOfMemoryError:
-            raise OutOfMemory(str(self.device), weights.size_bytes, self.read_memory().free) from None
+            raise OutOfMemory(self.device_name(), weights.size_bytes, self.read_memory().free) from None
 
     def _bring_in_failed(
         self, kind: Transition, attempt: int, error: BaseException, loaded: ModelWeights | None
@@ -397,9 +397,13 @@ class Mover:
             "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
 
+    def device_name(self) -> str:
+        """The device as status names it (a pool's ``emulated:0`` rather than ``cpu``)."""
+        label = None if self.admission is None else self.admission.device_label()
+        return label or str(self.device)
+
     def _log(self, verb: str, reason: str, seconds: float, bytes_copied: int) -> None:
         reading = self.read_memory()
-        label = None if self.admission is None else self.admission.device_label()
         logger.info(
             "%s %r in %.2f s (reason: %s, %s copied, device %s); GPU memory: allocated %.2f GB, reserved %.2f GB",
             verb,
@@ -407,7 +411,7 @@ class Mover:
             seconds,
             reason,
             human_bytes(bytes_copied),
-            label or self.device,
+            self.device_name(),
             to_gb(reading.allocated),
             to_gb(reading.reserved),
         )
