@@ -8,7 +8,7 @@
 
 Each model keeps its own `GPUResourceManager`, which still decides *when* its model moves.
 Before a load or restore its mover asks the pool for room (the `Admission` hooks, carried out
-by a `_Slot`): the pool admits it where it fits, evicts idle models of equal or lower priority
+by a `Slot`, pool_slot.py): the pool admits it where it fits, evicts idle models of equal or lower priority
 (offload to the host cache: a pointer swap), or makes it wait in a queue served by priority,
 then arrival. The ledger and its decisions live in pool_ledger.py, the devices and budgets in
 pool_devices.py; this module holds the lock, waits, and carries out evictions outside it.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import threading
 import time
@@ -29,7 +30,7 @@ import torch
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_RELEASE_TIMEOUT
 from .errors import GpuControlError, InvalidSetting, OutOfMemory, TransferError, WaitTimeout
 from .manager import GPUResourceManager
-from .memory import GIB, MemoryReading, read_memory
+from .memory import GIB, MemoryReading
 from .monitor import WatcherGroup
 from .pool_devices import (
     DEFAULT_WAIT_TIMEOUT,
@@ -40,8 +41,10 @@ from .pool_devices import (
     validate_wait_timeout,
 )
 from .pool_ledger import Books, Entry, EntryView, Grant, Waiter, gb_text
+from .pool_share import PoolShare
+from .pool_slot import Slot
 from .security import excerpt
-from .states import ActionResult, Location, Transition
+from .states import ActionResult, Location
 from .weights import ModelWeights, attach
 
 __all__ = ["GPUPool", "POLL_S"]
@@ -68,6 +71,8 @@ class GPUPool:
         host_budget_gb: GiB of host RAM for the models' host copies; None: the pin limit
             (``GPU_PIN_LIMIT_GB``). Past it, idle cached models are released.
         wait_timeout: seconds a load or restore may wait for room before it fails.
+        share_dir: a directory every process (and container) sharing these devices mounts:
+            their pools then share each device's budget host-wide (share.py).
         clock: monotonic clock of the models' timeouts and of ``waited_s`` (tests).
 
     Raises:
@@ -82,6 +87,7 @@ class GPUPool:
         host_budget_gb: Any = None,
         wait_timeout: Any = DEFAULT_WAIT_TIMEOUT,
         *,
+        share_dir: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         records = parse_devices(devices)
@@ -92,8 +98,9 @@ class GPUPool:
         self._cond = threading.Condition(threading.RLock())
         self._books = Books(records)
         self._names: dict[str, Entry] = {}
-        self._slots: dict[int, _Slot] = {}
+        self._slots: dict[int, Slot] = {}
         self._watchers = WatcherGroup(clock=clock, name="gpu-pool-watcher")
+        self._share = None if share_dir is None else PoolShare(self, share_dir)
         logger.info(
             "GPU pool on %s (host budget %s, wait timeout %g s)",
             ", ".join(f"{d.name}: {gb_text(d.budget)}" for d in records),
@@ -153,7 +160,7 @@ class GPUPool:
         working = int(_gb("working_gb", working_gb, positive=False) * GIB)
         pinned = None if device is None else self._device(device)
         entry = Entry(name, priority, working, pinned, view=lambda: EntryView())
-        slot = _Slot(self, entry)
+        slot = Slot(self, entry)
         target = pinned or self._books.devices[0]
         base = engine or attach
         manager = GPUResourceManager(
@@ -245,6 +252,8 @@ class GPUPool:
         for name in self.names():
             self.remove(name)
         self._watchers.stop()
+        if self._share is not None:
+            self._share.close()
 
     # ------------------------------------------------------------------ status
 
@@ -266,6 +275,8 @@ class GPUPool:
             status.update(priority=entry.priority, device=slot.device_label(), working_gb=entry.working / GIB)
             models[entry.name] = status
         with self._cond:
+            if self._share is not None:
+                self._books.remote = self._share.ledger.remote()  # other processes, as of now
             views = self._books.views()
             return {
                 "devices": self._books.status_devices(),
@@ -377,9 +388,13 @@ class GPUPool:
         )
 
     def _reschedule(self) -> None:
-        """Serve the queue (under the lock) and wake the waiters that may go."""
-        if self._books.schedule():
-            self._cond.notify_all()
+        """Serve the queue (under the lock; host-wide with a share directory); wake who may go."""
+        if self._share is None:
+            if self._books.schedule():
+                self._cond.notify_all()
+            return
+        self._share.schedule(self._books)
+        self._cond.notify_all()  # a peer may have freed room or died: let every waiter look
 
     def _more_room(self, entry: Entry) -> bool:
         """The driver ran out of memory moving ``entry`` in: evict every idle model it may evict there."""
@@ -491,53 +506,3 @@ class GPUPool:
             known = ", ".join(repr(n) for n in self._names) or "none"
             raise KeyError(f"No model named {excerpt(name)} in the pool; known models: {known}.")
         return entry
-
-
-class _Slot:
-    """One model's `Admission`: its manager's mover calls these, outside the manager's lock."""
-
-    def __init__(self, pool: GPUPool, entry: Entry) -> None:
-        self.pool = pool
-        self.entry = entry
-        self.manager: GPUResourceManager  # set right after the manager is built
-
-    def view(self) -> EntryView:
-        """The model's state for the pool's decisions, read under the manager's lock."""
-        state = self.manager._state
-        with self.manager._cond:
-            idle = state.transition is None and state.leases == 0
-            weights = state.weights
-            return EntryView(
-                idle_on_device=idle and state.location is Location.GPU,
-                cached_idle=idle and state.location is Location.CPU,
-                leaving=state.transition in (Transition.OFFLOADING, Transition.RELEASING),
-                in_use=state.leases,
-                last_used=state.last_used,
-                host_bytes=0 if weights is None else weights.host_bytes,
-            )
-
-    def memory(self, device: torch.device) -> MemoryReading:
-        """The manager's memory probe: the driver's figures, or the pool's for an emulated card."""
-        placed = self.entry.device or self.entry.pinned or self.pool._books.devices[0]
-        if placed.emulated:
-            return self.pool._reading(self.entry)
-        return read_memory(device)
-
-    def loaded(self, weights: ModelWeights) -> None:
-        self.pool._host_tier(self.entry, weights)
-
-    def room(self, weights: ModelWeights, reason: str) -> torch.device:
-        return self.pool._room(self.entry, weights.size_bytes + self.entry.working)
-
-    def more_room(self, weights: ModelWeights) -> bool:
-        return self.pool._more_room(self.entry)
-
-    def left(self) -> None:
-        self.pool._left(self.entry)
-
-    def idle(self) -> None:
-        self.pool._changed()
-
-    def device_label(self) -> str | None:
-        placed = self.entry.device or self.entry.pinned or self.pool._books.devices[0]
-        return placed.name

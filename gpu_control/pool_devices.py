@@ -14,6 +14,8 @@ Environment variables (the app's pool):
 ``GPU_RESERVE_GB``         1          GiB left free on each device when no budget is set
 ``GPU_HOST_BUDGET_GB``     (pin lim)  GiB of host RAM for cached models
 ``GPU_WAIT_TIMEOUT``       300        seconds a request waits for room before it fails
+``GPU_SHARE_DIR``          (unset)    a directory shared by every process (and container)
+                                      using these devices: they share each budget
 =========================  =========  =================================================
 """
 
@@ -209,10 +211,11 @@ class PoolSettings:
     reserve_gb: float = 1.0
     host_budget_gb: float | None = None
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+    share_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> PoolSettings:
-        """Read and validate ``GPU_DEVICES`` … ``GPU_WAIT_TIMEOUT``.
+        """Read and validate ``GPU_DEVICES`` … ``GPU_SHARE_DIR``.
 
         Raises:
             InvalidSetting: a value that cannot be used, naming the variable.
@@ -238,6 +241,7 @@ class PoolSettings:
             wait_timeout=DEFAULT_WAIT_TIMEOUT
             if wait is None
             else validate_wait_timeout("GPU_WAIT_TIMEOUT", wait),
+            share_dir=get("GPU_SHARE_DIR"),
         )
 
     def pool_kwargs(self) -> dict[str, Any]:
@@ -248,6 +252,7 @@ class PoolSettings:
             "reserve_gb": self.reserve_gb,
             "host_budget_gb": self.host_budget_gb,
             "wait_timeout": self.wait_timeout,
+            "share_dir": self.share_dir,
         }
 
 

@@ -11,16 +11,21 @@ How the budget stays exact:
   are *claimed* (nobody else plans with them) and its need is *promised* on the device. Free
   room for planning is ``budget - charges - promises + claimed charges``, so that a promised
   waiter keeps the room its victims free up, and the charges alone never pass the budget.
+- With a share directory (share.py), ``remote`` holds what the other processes hold and wait
+  for: their charges count against the device too, the smallest budget any of them declares
+  is the device's, and their waiters rank with ours (priority, then arrival).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .memory import GIB
 from .pool_devices import PoolDevice
+from .share import RemoteView
 
 __all__ = ["Books", "Entry", "EntryView", "Grant", "Waiter", "gb_text"]
 
@@ -42,6 +47,7 @@ class EntryView:
     in_use: int = 0
     last_used: float | None = None
     host_bytes: int = 0
+    state: str | None = None  # loading, restoring, gpu, offloading (the shared files' words)
 
 
 @dataclass(eq=False)
@@ -75,12 +81,13 @@ class Waiter:
     need: int
     seq: int
     since: float
+    arrived: float = field(default_factory=time.time)  # wall clock: ranks with other processes' waiters
     grant: Grant | None = None
     admitted: PoolDevice | None = None  # set when the charge is made
 
-    def rank(self) -> tuple[int, int]:
+    def rank(self) -> tuple[int, float, int]:
         """Served by priority (higher first), then arrival."""
-        return (-self.entry.priority, self.seq)
+        return (-self.entry.priority, self.arrived, self.seq)
 
 
 class Books:
@@ -90,19 +97,33 @@ class Books:
         self.devices = devices
         self.entries: list[Entry] = []  # removed ones stay until they hold nothing
         self.waiters: list[Waiter] = []
+        self.remote: RemoteView | None = None  # other processes, when the pool shares a directory
         self._seq = 0
 
     # ------------------------------------------------------------------ figures
 
     def used(self, device: PoolDevice) -> int:
-        """Bytes charged on ``device``."""
+        """Bytes charged on ``device`` by this process."""
         return sum(entry.charge for entry in self.entries if entry.device is device)
 
+    def others(self, device: PoolDevice) -> int:
+        """Bytes other processes hold on ``device`` (0 without a share directory)."""
+        return 0 if self.remote is None else self.remote.used.get(device.name, 0)
+
+    def budget(self, device: PoolDevice) -> int:
+        """The device's budget: ours, or a smaller one another process declares."""
+        if self.remote is None:
+            return device.budget
+        return min(device.budget, self.remote.budgets.get(device.name, device.budget))
+
     def free(self, device: PoolDevice) -> int:
-        """Room left for planning: budget minus charges and promises, plus claimed charges."""
-        promised = sum(w.need for w in self.waiters if w.grant is not None and w.grant.device is device)
+        """Room left for planning: budget - charges (ours and others') - promises + claimed charges."""
         claimed = sum(e.charge for e in self.entries if e.claimed and e.device is device)
-        return device.budget - self.used(device) - promised + claimed
+        return self.budget(device) - self.used(device) - self.others(device) - self.promised(device) + claimed
+
+    def promised(self, device: PoolDevice) -> int:
+        """Bytes granted to waiters on ``device`` that are not charged yet."""
+        return sum(w.need for w in self.waiters if w.grant is not None and w.grant.device is device)
 
     def holders(self, device: PoolDevice) -> list[Entry]:
         """The models charged on ``device``."""
@@ -111,7 +132,7 @@ class Books:
     def candidates(self, entry: Entry, need: int) -> list[PoolDevice]:
         """The devices ``entry`` may ever use: its pinned one, else any whose budget is large enough."""
         devices = [entry.pinned] if entry.pinned is not None else self.devices
-        return [device for device in devices if need <= device.budget]
+        return [device for device in devices if need <= self.budget(device)]
 
     # ------------------------------------------------------------------ waiting
 
@@ -149,13 +170,20 @@ class Books:
         large or high-priority request is not starved by a stream of small ones.
         """
         served: list[Waiter] = []
-        blocked: set[int] = set()
+        blocked: set[str] = set()
         views = self._views()
+        remote = sorted(
+            ((-int(w.get("priority", 0)), float(w.get("arrived", 0.0))), set(w.get("devices") or []))
+            for w in (self.remote.waiters if self.remote is not None else [])
+        )
         for waiter in sorted((w for w in self.waiters if w.grant is None), key=Waiter.rank):
-            devices = [d for d in self.candidates(waiter.entry, waiter.need) if id(d) not in blocked]
+            for rank, names in remote:  # another process's request ranked before this one
+                if rank < waiter.rank()[:2]:
+                    blocked.update(names)
+            devices = [d for d in self.candidates(waiter.entry, waiter.need) if d.name not in blocked]
             grant = self.plan(waiter, devices, views)
             if grant is None:
-                blocked.update(id(d) for d in self.candidates(waiter.entry, waiter.need))
+                blocked.update(d.name for d in self.candidates(waiter.entry, waiter.need))
                 continue
             if grant.victims:
                 for victim in grant.victims:
@@ -228,17 +256,8 @@ class Books:
         """What holds ``devices``, for the message of a request that waited in vain."""
         parts = []
         for device in devices:
-            holders = self.holders(device)
-            if not holders:
-                promised = self.free(device) < device.budget
-                parts.append(
-                    f"{device.name} is promised to other waiting models"
-                    if promised
-                    else f"{device.name} is free"
-                )
-                continue
             words = []
-            for entry in holders:
+            for entry in self.holders(device):
                 view = views.get(id(entry), EntryView())
                 if view.in_use:
                     state = f"in use by {view.in_use} job(s)"
@@ -249,24 +268,61 @@ class Books:
                 else:
                     state = "moving in"
                 words.append(f"'{entry.name}' ({gb_text(entry.charge)}, {state})")
+            for peer, held in self.remote.holders(device.name) if self.remote is not None else []:
+                if held.get("in_use"):
+                    state = f"in use by {held.get('in_use')} job(s)"
+                elif int(held.get("priority", 0)) > requester.priority:
+                    state = f"idle, priority {held.get('priority')} above {requester.priority}"
+                else:
+                    state = f"{held.get('state')}, asked to offload"
+                words.append(
+                    f"'{held.get('model')}' of process {peer.pid} "
+                    f"({gb_text(int(held.get('bytes', 0)))}, {state})"
+                )
+            if not words:
+                promised = self.free(device) < self.budget(device)
+                parts.append(
+                    f"{device.name} is promised to other waiting models"
+                    if promised
+                    else f"{device.name} is free"
+                )
+                continue
+            used = self.used(device) + self.others(device)
             parts.append(
-                f"{device.name} ({gb_text(self.used(device))} of {gb_text(device.budget)}) holds "
-                + ", ".join(words)
+                f"{device.name} ({gb_text(used)} of {gb_text(self.budget(device))}) holds " + ", ".join(words)
             )
         return "; ".join(parts)
 
     def status_devices(self) -> list[dict[str, Any]]:
-        """The ``devices`` part of the pool status."""
-        return [
-            {
+        """The ``devices`` part of the pool status (with a share directory, ``others``: peers' holdings)."""
+        now = time.time()
+        result = []
+        for device in self.devices:
+            used = self.used(device) + self.others(device)
+            item: dict[str, Any] = {
                 "device": device.name,
-                "budget_gb": device.budget / GIB,
-                "used_gb": self.used(device) / GIB,
-                "free_gb": max(0, device.budget - self.used(device)) / GIB,
+                "budget_gb": self.budget(device) / GIB,
+                "used_gb": used / GIB,
+                "free_gb": max(0, self.budget(device) - used) / GIB,
                 "models": [entry.name for entry in self.holders(device)],
             }
-            for device in self.devices
-        ]
+            if self.remote is not None:
+                item["others"] = [
+                    {
+                        "pid": peer.pid,
+                        "model": held.get("model"),
+                        "state": held.get("state"),
+                        "gb": int(held.get("bytes", 0)) / GIB,
+                        "in_use": int(held.get("in_use", 0)),
+                        "priority": int(held.get("priority", 0)),
+                        "idle_s": None
+                        if held.get("idle_since") is None
+                        else max(0.0, now - float(held["idle_since"])),
+                    }
+                    for peer, held in self.remote.holders(device.name)
+                ]
+            result.append(item)
+        return result
 
     def status_waiting(self, now: float) -> list[dict[str, Any]]:
         """The ``waiting`` part of the pool status, in serving order."""
