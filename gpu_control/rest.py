@@ -5,15 +5,21 @@
     install_offline_docs(app)
     install_method_guard(app)      # 405 + Allow even when something is mounted at "/"
 
-=========================  ==========================================================
-``GET  /gpu/status``       the status snapshot (DESIGN.md's schema); never waits
-``POST /gpu/offload``      device -> host cache: done, deferred (in use) or nothing to do
-``POST /gpu/release``      drop every copy: done, deferred or nothing to do
-``POST /gpu/preheat``      load or restore now and keep it until the idle timeout
-``POST /gpu/timeout``      form or JSON: ``timeout`` (idle seconds), ``release_timeout``,
-                           ``offload_after_use``; all validated before any is applied
-``GET  /health``           liveness: answers at once, loads nothing
-=========================  ==========================================================
+=============================  ==============================================================
+``GET  /gpu/status``           the status snapshot (DESIGN.md's schema); never waits
+``POST /gpu/offload``          device -> host cache: done, deferred (in use) or nothing to do
+``POST /gpu/release``          drop every copy: done, deferred or nothing to do
+``POST /gpu/preheat``          load or restore now and keep it until the idle timeout
+``POST /gpu/timeout``          form or JSON: ``timeout`` (idle seconds), ``release_timeout``,
+                               ``offload_after_use``; all validated before any is applied
+``GET  /health``               liveness: answers at once, loads nothing
+``GET  /gpu/models``           with a pool: every model, the device budgets, the queue
+``POST /gpu/models/{name}/…``  with a pool: ``offload``, ``release``, ``preheat`` and
+                               ``timeout`` of one model, as above; 404 for an unknown name
+=============================  ==============================================================
+
+With ``make_router(manager, pool=pool)`` the ``/gpu/*`` routes above keep acting on
+``manager`` (the default model) and the per-model routes of `gpu_control.rest_models` are added.
 
 Reads are open. Every ``POST`` changes state and goes through ``access.authorize()`` before
 anything else: 403 when the request comes from another site's page (a foreign ``Origin``,
@@ -41,6 +47,7 @@ from .config import MAX_TIMEOUT_S, validate_bool, validate_release_timeout, vali
 from .errors import ControlLocked, ForeignOrigin, GpuControlError, InvalidSetting, http_status
 from .http_guard import BadRequest, MethodGuard, install_method_guard, read_body, read_form
 from .manager import ActionResult, GPUResourceManager, Outcome
+from .pool import GPUPool
 from .security import ControlAccess, excerpt
 
 __all__ = [
@@ -104,7 +111,7 @@ _STATUS_EXAMPLE = {
     "counts": {"loads": 1, "restores": 3, "offloads": 4, "releases": 0, "uses": 4},
 }
 
-_TIMEOUT_BODY = {
+TIMEOUT_BODY = {
     "required": True,
     "content": {
         media: {
@@ -136,6 +143,7 @@ _TIMEOUT_BODY = {
         for media in ("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
     },
 }
+"""The OpenAPI request body of the timeout routes: the fields as a form, multipart or JSON."""
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {
@@ -159,6 +167,7 @@ def make_router(
     prefix: str = "/gpu",
     tags: list[str] | None = None,
     access: ControlAccess | None = None,
+    pool: GPUPool | None = None,
 ) -> APIRouter:
     """Build the REST endpoints of one manager.
 
@@ -169,25 +178,18 @@ def make_router(
         tags: OpenAPI tags (default ``["gpu"]``).
         access: who may change state (the control token and the same-origin rule); None:
             ``ControlAccess()`` (no token, same-origin only).
+        pool: the pool ``manager`` belongs to (its default model); adds ``GET /models`` and
+            ``POST /models/{name}/offload|release|preheat|timeout`` under ``prefix``.
 
     Returns:
         A router to pass to ``app.include_router()`` before anything is mounted at ``/``
         (then call `install_method_guard` so wrong methods answer 405, not the mount's 404).
     """
     router = APIRouter(tags=tags or ["gpu"])
-    authorize = _authorizer(ControlAccess() if access is None else access)
+    authorize = authorizer(ControlAccess() if access is None else access)
 
     def control(path: str, summary: str, **kwargs: Any) -> Callable[[Any], Any]:
-        """Register a state-changing endpoint: POST, authorized before anything else runs."""
-        responses = {**_ERRORS, **kwargs.pop("responses", {})}
-        return router.post(
-            f"{prefix}{path}",
-            summary=summary,
-            response_model=ActionAnswer,
-            responses=responses,
-            dependencies=[Security(authorize)],
-            **kwargs,
-        )
+        return control_route(router, authorize, f"{prefix}{path}", summary, **kwargs)
 
     @router.get("/health", summary="Liveness: answers at once, loads nothing")
     async def health() -> dict[str, Any]:
@@ -214,40 +216,67 @@ def make_router(
 
     @control("/offload", "Move the model to the host cache (deferred while a job runs)")
     def gpu_offload() -> JSONResponse:
-        return _act(manager, manager.force_offload)
+        return action_answer(manager, manager.force_offload)
 
     @control("/release", "Drop the model from the device and the host cache (deferred while a job runs)")
     def gpu_release() -> JSONResponse:
-        return _act(manager, manager.force_release)
+        return action_answer(manager, manager.force_release)
 
     @control(
         "/preheat",
         "Load or restore the model now and keep it on the device until the idle timeout",
-        responses={409: {"model": ErrorAnswer, "description": "No load function is known yet"}},
+        responses={
+            409: {"model": ErrorAnswer, "description": "No load function is known yet"},
+            507: {"model": ErrorAnswer, "description": "In a pool: the model never fits a device's budget"},
+        },
     )
     def gpu_preheat() -> JSONResponse:
-        return _act(manager, manager.preheat)
+        return action_answer(manager, manager.preheat)
 
     @control(
         "/timeout",
         "Change the idle timeout (form field `timeout`, as in `curl -F timeout=300`; JSON accepted)",
         responses={413: {"model": ErrorAnswer, "description": "The body is larger than a timeout request"}},
-        openapi_extra={"requestBody": _TIMEOUT_BODY},
+        openapi_extra={"requestBody": TIMEOUT_BODY},
     )
     async def gpu_timeout(request: Request) -> JSONResponse:
-        try:
-            fields = await _read_fields(request)
-            result = _apply_timeouts(manager, fields)
-        except BadRequest as error:
-            return JSONResponse({"detail": str(error)}, status_code=error.status)
-        except InvalidSetting as error:
-            return JSONResponse({"detail": str(error)}, status_code=422)
-        return JSONResponse({**result.to_dict(), "status": manager.get_status()})
+        return await timeout_answer(manager, request)
 
+    if pool is not None:
+        from .rest_models import make_model_router  # it builds on this module's helpers
+
+        router.include_router(make_model_router(pool, prefix=prefix, tags=tags, access=access))
     return router
 
 
-def _authorizer(access: ControlAccess) -> Callable[..., Awaitable[None]]:
+def control_route(
+    router: APIRouter, authorize: Callable[..., Awaitable[None]], path: str, summary: str, **kwargs: Any
+) -> Callable[[Any], Any]:
+    """Register a state-changing endpoint on ``router``: POST, authorized before anything else runs."""
+    responses = {**_ERRORS, **kwargs.pop("responses", {})}
+    return router.post(
+        path,
+        summary=summary,
+        response_model=ActionAnswer,
+        responses=responses,
+        dependencies=[Security(authorize)],
+        **kwargs,
+    )
+
+
+async def timeout_answer(manager: GPUResourceManager, request: Request) -> JSONResponse:
+    """Apply a timeout request's fields to ``manager``; its answer, or the refusal as a sentence."""
+    try:
+        fields = await _read_fields(request)
+        result = _apply_timeouts(manager, fields)
+    except BadRequest as error:
+        return JSONResponse({"detail": str(error)}, status_code=error.status)
+    except InvalidSetting as error:
+        return JSONResponse({"detail": str(error)}, status_code=422)
+    return JSONResponse({**result.to_dict(), "status": manager.get_status()})
+
+
+def authorizer(access: ControlAccess) -> Callable[..., Awaitable[None]]:
     """A dependency that lets a request through `access` or answers 401/403 with the sentence."""
 
     async def authorize(request: Request, _credentials: Any = Security(_BEARER)) -> None:
@@ -260,7 +289,7 @@ def _authorizer(access: ControlAccess) -> Callable[..., Awaitable[None]]:
     return authorize
 
 
-def _act(manager: GPUResourceManager, action: Any) -> JSONResponse:
+def action_answer(manager: GPUResourceManager, action: Any) -> JSONResponse:
     """Run a control action; answer its result and the status, or the error as a sentence."""
     try:
         result: ActionResult = action()
