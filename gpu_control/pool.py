@@ -30,7 +30,7 @@ import torch
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_RELEASE_TIMEOUT
 from .errors import GpuControlError, InvalidSetting, OutOfMemory, TransferError, WaitTimeout
 from .manager import GPUResourceManager
-from .memory import GIB, MemoryReading
+from .memory import GIB, MemoryReading, read_memory
 from .monitor import WatcherGroup
 from .pool_devices import (
     DEFAULT_WAIT_TIMEOUT,
@@ -73,6 +73,8 @@ class GPUPool:
         wait_timeout: seconds a load or restore may wait for room before it fails.
         share_dir: a directory every process (and container) sharing these devices mounts:
             their pools then share each device's budget host-wide (share.py).
+        driver_free: free bytes the driver reports for a device name, or None when unknown
+            (default: CUDA devices read the driver; emulated and CPU devices have no such bound).
         clock: monotonic clock of the models' timeouts and of ``waited_s`` (tests).
 
     Raises:
@@ -88,6 +90,7 @@ class GPUPool:
         wait_timeout: Any = DEFAULT_WAIT_TIMEOUT,
         *,
         share_dir: str | os.PathLike[str] | None = None,
+        driver_free: Callable[[str], int | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         records = parse_devices(devices)
@@ -97,6 +100,7 @@ class GPUPool:
         self._clock = clock
         self._cond = threading.Condition(threading.RLock())
         self._books = Books(records)
+        self._books.driver = _driver_probe(driver_free)
         self._names: dict[str, Entry] = {}
         self._slots: dict[int, Slot] = {}
         self._watchers = WatcherGroup(clock=clock, name="gpu-pool-watcher")
@@ -360,7 +364,15 @@ class GPUPool:
         if time.monotonic() < deadline:
             return
         devices = self._books.candidates(waiter.entry, waiter.need)
-        holders = self._books.describe(devices, self._books.views(), waiter.entry)
+        views = self._books.views()
+        holders = self._books.describe(devices, views, waiter.entry)
+        for device in devices:
+            room = self._books.driver_room(device, views)
+            if room is not None and room < waiter.need:
+                holders += (
+                    f"; the driver reports only {gb_text(max(0, room))} free on {device.name} "
+                    "(memory held outside the pool)"
+                )
         raise WaitTimeout(
             f"No room for {waiter.entry.name!r} ({gb_text(waiter.need)}) "
             f"after waiting {self.wait_timeout:g} s: "
@@ -506,3 +518,16 @@ class GPUPool:
             known = ", ".join(repr(n) for n in self._names) or "none"
             raise KeyError(f"No model named {excerpt(name)} in the pool; known models: {known}.")
         return entry
+
+
+def _driver_probe(driver_free: Callable[[str], int | None] | None) -> Callable[[PoolDevice], int | None]:
+    """Free bytes on a device as its driver reports them (the last word: memory held outside the pool)."""
+    if driver_free is not None:
+        return lambda device: driver_free(device.name)
+
+    def probe(device: PoolDevice) -> int | None:
+        if device.emulated or device.torch_device.type != "cuda":
+            return None
+        return read_memory(device.torch_device).free
+
+    return probe

@@ -98,6 +98,7 @@ class Books:
         self.entries: list[Entry] = []  # removed ones stay until they hold nothing
         self.waiters: list[Waiter] = []
         self.remote: RemoteView | None = None  # other processes, when the pool shares a directory
+        self.driver: Callable[[PoolDevice], int | None] | None = None  # the driver's free bytes
         self._seq = 0
 
     # ------------------------------------------------------------------ figures
@@ -199,16 +200,17 @@ class Books:
     ) -> Grant | None:
         """Where ``waiter`` goes: the device with most free room that fits it without eviction,
         else the one where eviction frees the fewest bytes; None when neither exists."""
-        devices = list(devices)
-        fits = [device for device in devices if self.free(device) >= waiter.need]
+        options = []
+        for device in devices:
+            victims = self.victims(device, waiter.entry.priority, waiter.need, views)
+            if victims is not None:
+                options.append((device, victims))
+        fits = [device for device, victims in options if not victims]
         if fits:
             return Grant(max(fits, key=self.free), [])
         best: tuple[int, int] | None = None
         chosen: Grant | None = None
-        for device in devices:
-            victims = self.victims(device, waiter.entry.priority, waiter.need, views)
-            if victims is None:
-                continue
+        for device, victims in options:
             cost = (sum(v.charge for v in victims), len(victims))
             if best is None or cost < best:
                 best, chosen = cost, Grant(device, victims)
@@ -219,15 +221,30 @@ class Books:
     ) -> list[Entry] | None:
         """Idle models to offload from ``device`` so that ``need`` fits, in eviction order
         (lower priority first, then least recently used); only priorities up to ``priority``.
-        None when evicting every such model would not be enough."""
+        None when evicting every such model would not be enough. On a real GPU the driver's
+        free memory must also fit it (memory held outside the pool counts there)."""
         free = self.free(device)
+        room = self.driver_room(device, views)
         chosen: list[Entry] = []
         for entry in self.evictable(device, priority, views):
-            if free >= need:
+            if free >= need and (room is None or room >= need):
                 break
             chosen.append(entry)
             free += entry.charge
-        return chosen if free >= need else None
+            if room is not None:
+                room += entry.charge - entry.working  # idle: it holds its weights, not its working memory
+        return chosen if free >= need and (room is None or room >= need) else None
+
+    def driver_room(self, device: PoolDevice, views: dict[int, EntryView]) -> int | None:
+        """What the driver says is free on ``device``, less what was admitted but is not copied yet;
+        None when unknown (emulated and CPU devices, no driver figures)."""
+        free = None if self.driver is None else self.driver(device)
+        if free is None:
+            return None
+        moving_in = sum(
+            e.charge for e in self.holders(device) if views[id(e)].state in ("loading", "restoring")
+        )
+        return free - moving_in - self.promised(device)
 
     def evictable(self, device: PoolDevice, priority: int, views: dict[int, EntryView]) -> list[Entry]:
         """Idle models on ``device`` of priority up to ``priority``, in eviction order."""

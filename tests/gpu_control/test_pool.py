@@ -389,3 +389,19 @@ def test_a_victim_whose_offload_fails_does_not_make_the_waiter_spin_past_its_tim
         assert 1 <= stuck.offload_attempts <= 3  # one try per re-plan, not a busy loop
         assert where(pool, "victim", "b") == ["gpu", "cpu"]
         stuck.offload_attempts = -100  # let close() fail quietly
+
+
+def test_the_driver_has_the_last_word_memory_held_outside_the_pool_makes_a_request_wait():
+    outside = {"emulated:0": 1 * MIB}  # what the "driver" says is free: another program holds the rest
+    with pool_of(budget_gb=gib(8), wait_timeout=0.3, driver_free=outside.get) as pool:
+        idle = keep(pool, "idle", 1)
+        outside["emulated:0"] = 2 * MIB
+        with idle.use():  # 1 MiB fits in the 2 MiB the driver reports
+            pass
+        outside["emulated:0"] = 1 * MIB  # idle holds 1 MiB of the device now
+        with pool.add("two", sized(2)).use():  # budget has room, the driver has not: evict idle (1 + 1 MiB)
+            assert where(pool, "idle") == ["cpu"]
+        outside["emulated:0"] = 0
+        with pytest.raises(WaitTimeout, match="the driver reports only 0.0 MiB free on emulated:0"):
+            with pool.add("three", sized(1)).use():
+                pass
