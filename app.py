@@ -1,15 +1,19 @@
 """Talking Portrait: a portrait and a speech track in, a talking video out, on port 7860.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--idle-timeout 60] [--release-timeout 0]
-                  [--keep-on-gpu] [--device cuda:0] [--pipeline mypkg.module:factory]
+                  [--keep-on-gpu] [--device cuda:0] [--pipeline [NAME=]mypkg.module:factory ...]
                   [--control-token-file PATH] [--share]
 
 One FastAPI app serves everything: the REST endpoints (``/gpu/*``, ``/health``, offline
 ``/docs``) are registered first, then the Gradio UI is mounted at ``/`` with its MCP server
-(``/gradio_api/mcp/``). Nothing is loaded at start-up: the model is loaded by the first job.
+(``/gradio_api/mcp/``). Nothing is loaded at start-up: each model is loaded by its first job.
+
+Every pipeline (``--pipeline``, repeatable; the built-in one by default) is a model of one
+`GPUPool`, which shares the devices' budgets among them (see app_pool.py).
 
 Settings come from the environment (``GPU_IDLE_TIMEOUT``, ``GPU_RELEASE_TIMEOUT``,
-``GPU_OFFLOAD_AFTER_USE``, ``GPU_DEVICE``, ``NVIDIA_VISIBLE_DEVICES``,
+``GPU_OFFLOAD_AFTER_USE``, ``GPU_DEVICE``, ``NVIDIA_VISIBLE_DEVICES``, the pool's
+``GPU_DEVICES``, ``GPU_BUDGET_GB``, ``GPU_RESERVE_GB``, ``GPU_HOST_BUDGET_GB``, ``GPU_WAIT_TIMEOUT``,
 ``GRADIO_SERVER_NAME``, ``GRADIO_SERVER_PORT``, ``GPU_CONTROL_TOKEN``, ``ALLOW_URL_INPUTS``,
 ``SHUTDOWN_GRACE_S``); flags override them. A bad value stops the app with one sentence and
 exit status 2.
@@ -41,7 +45,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvicorn
 
-from gpu_control import ControlAccess, GPUResourceManager, InvalidSetting, Settings
+from app_pool import (
+    PipelineSpec,
+    build_pool,
+    describe_pool,
+    load_pipelines,
+    parse_pipeline_specs,
+    read_pool_settings,
+)
+from gpu_control import ControlAccess, GPUPool, GPUResourceManager, InvalidSetting, Settings
 from gpu_control.config import (
     MAX_TIMEOUT_S,
     apply_visible_devices,
@@ -49,6 +61,7 @@ from gpu_control.config import (
     validate_device,
     validate_timeout,
 )
+from gpu_control.pool_devices import PoolSettings
 from gpu_control.security import TOKEN_ENV, is_loopback_host, read_control_token
 from serving import GracefulServer, delete_partial_videos
 
@@ -82,19 +95,29 @@ class AppConfig:
     settings: Settings
     host: str
     port: int
-    pipeline: str | None
+    pipelines: tuple[PipelineSpec, ...]
     share: bool
     output_dir: Path
     keep_videos_s: float
     control_token: str | None = field(default=None, repr=False)
     allow_url_inputs: bool = True
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    pool: PoolSettings = field(default_factory=PoolSettings)
+
+    @property
+    def pipeline(self) -> str | None:
+        """The first ``--pipeline``'s ``module:attr`` (None: the built-in pipeline)."""
+        return self.pipelines[0].target if self.pipelines else None
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
-        description="Talking Portrait: portrait + speech -> talking video, with GPU memory managed by gpu_control.",
+        description="Talking Portrait: portrait + speech -> talking video, with GPU memory managed by "
+        "gpu_control.",
+        epilog="The models share one GPU pool, set by the environment: GPU_DEVICES (cuda:0,cuda:1, cpu or "
+        "emulated:0,emulated:1), GPU_BUDGET_GB (per device: 20 or cuda:0=20,cuda:1=10), GPU_RESERVE_GB (1), "
+        "GPU_HOST_BUDGET_GB and GPU_WAIT_TIMEOUT (300 s). See the README's Configuration.",
     )
     parser.add_argument(
         "--host",
@@ -114,10 +137,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the model on the GPU after a job until the idle timeout (GPU_OFFLOAD_AFTER_USE=false)",
     )
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (GPU_DEVICE; default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        help="the one device: cpu, cuda or cuda:N (GPU_DEVICE; wins over GPU_DEVICES; "
+        "default: GPU_DEVICES, else every visible CUDA device, else cpu)",
+    )
     parser.add_argument(
         "--pipeline",
-        help="your own pipeline as package.module:attribute (default: the built-in talking portrait)",
+        action="append",
+        metavar="[NAME=]MODULE:ATTR",
+        help="a pipeline as package.module:attribute, added to the pool as the model NAME (default: the "
+        "pipeline's own name); repeat it for several models (default: the built-in talking portrait)",
     )
     parser.add_argument(
         "--output-dir", default="outputs", help="where videos are written (default: ./outputs)"
@@ -177,6 +207,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             settings = settings.with_overrides(offload_after_use=False)
         if args.device is not None:
             settings = settings.with_overrides(device=validate_device("--device", args.device))
+        specs = parse_pipeline_specs(args.pipeline)
+        pool_env = env if args.device is None else {k: v for k, v in env.items() if k != "GPU_DEVICES"}
+        pool_settings = read_pool_settings(pool_env, device=settings.device)
         hours = {"allow_inf": False, "unit": "hours", "maximum": MAX_TIMEOUT_S / 3600}
         if args.keep_videos_hours is not None:
             keep_hours = validate_timeout("--keep-videos-hours", args.keep_videos_hours, **hours)
@@ -213,13 +246,14 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         settings=settings,
         host=host,
         port=port,
-        pipeline=args.pipeline,
+        pipelines=specs,
         share=args.share,
         output_dir=output_dir,
         keep_videos_s=keep_hours * 3600.0,
         control_token=control_token,
         allow_url_inputs=allow_url_inputs,
         shutdown_grace_s=grace_s,
+        pool=pool_settings,
     )
 
 
@@ -234,12 +268,15 @@ def create_app(
     access: ControlAccess | None = None,
     gate: JobGate | None = None,
     allow_url_inputs: bool = True,
+    pool: GPUPool | None = None,
+    pipelines: dict[str, Pipeline] | None = None,
 ) -> FastAPI:
     """Wire the REST endpoints, the offline docs and the Gradio UI with MCP into one app.
 
     Args:
-        manager: owns the model's GPU-memory lifecycle (nothing is loaded here).
-        pipeline: turns a portrait and a speech track into a video.
+        manager: owns the model's GPU-memory lifecycle (nothing is loaded here); with a pool,
+            its default model (the first), which the seed's ``/gpu/*`` routes act on.
+        pipeline: turns a portrait and a speech track into a video (``manager``'s).
         output_dir: where videos are written; Gradio serves files from it.
         examples: example rows for the UI (default: the files in ``examples/``).
         refresh_seconds: how often the GPU panel refreshes.
@@ -248,6 +285,10 @@ def create_app(
         gate: admits jobs and cancels them at shutdown (default: a gate of its own).
         allow_url_inputs: whether file inputs may be http(s) URLs (never loopback, private
             or link-local addresses); False refuses them before any lookup or connection.
+        pool: the models sharing the devices; the REST routes, tools, metrics and panel then
+            show and control each of them (``/gpu/models``).
+        pipelines: ``{model name: pipeline}`` of the pool's models; with more than one, the
+            form offers a model selector.
 
     Returns:
         The FastAPI app, ready for uvicorn.
@@ -270,10 +311,11 @@ def create_app(
     )
     access = ControlAccess() if access is None else access
     gate = JobGate() if gate is None else gate  # one gate for the jobs and the metrics
-    app.include_router(make_router(manager, access=access))
+    app.include_router(make_router(manager, access=access, pool=pool))
     install_offline_docs(app)
     install_method_guard(app)  # 405 + Allow on the REST paths, though Gradio is mounted at "/"
-    install_metrics(app, manager, queue_depth=lambda: gate.running + _waiting_jobs(demo))
+    managers = manager if pool is None else [pool[name] for name in pool.names()]
+    install_metrics(app, managers, queue_depth=lambda: gate.running + _waiting_jobs(demo))
     demo = build_demo(
         manager,
         pipeline,
@@ -284,6 +326,8 @@ def create_app(
         access=access,
         gate=gate,
         allow_url_inputs=allow_url_inputs,
+        pool=pool,
+        pipelines=pipelines,
     )
     return mount_demo(
         app,
@@ -348,30 +392,31 @@ def _url_host(host: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the app; returns the process exit status (2 for a bad configuration)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_visible_devices()  # before anything reads the devices, load_config included
     try:
         config = load_config(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from pipelines import GenerateOptions, PipelineError, default_pipeline, load_pipeline
+    from pipelines import GenerateOptions, PipelineError
 
     try:
         GenerateOptions()  # checks PIPELINE_MAX_AUDIO_SECONDS now rather than at the first job
-        apply_visible_devices()
-        pipeline = load_pipeline(config.pipeline) if config.pipeline else default_pipeline()
-        manager = GPUResourceManager.from_settings(
-            config.settings, load_func=pipeline.load, name=pipeline.name
-        )
+        pipelines = load_pipelines(config.pipelines)  # before the pool, which logs its devices
+        pool = build_pool(config.pool, config.settings, pipelines)
     except (ValueError, PipelineError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    default = next(iter(pipelines))
+    manager, pipeline = pool[default], pipelines[default]
     from pipelines.jobs import JobGate
 
     delete_partial_videos(config.output_dir)
     gate = JobGate()
     locked = config.control_token is not None
     loopback = listens_on_loopback(config.host)  # no token: controls only at a loopback name (DNS rebinding)
-    manager.start_monitor()
+    for name in pool.names():
+        pool[name].start_monitor()
     app = create_app(
         manager,
         pipeline,
@@ -380,18 +425,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         access=ControlAccess(config.control_token, local_only=loopback),
         gate=gate,
         allow_url_inputs=config.allow_url_inputs,
+        pool=pool,
+        pipelines=pipelines,
     )
     logger.info(
         "%s on http://%s:%d (listening on %s, %s; REST docs: /docs, MCP: /gradio_api/mcp/); GPU control %s; "
-        "pipeline %r on %s, nothing loaded yet",
+        "%s, nothing loaded yet",
         TITLE,
         _url_host(config.host),
         config.port,
         config.host,
         "this machine only" if loopback else "reachable from the network",
         "locked by the control token" if locked else f"open (no {TOKEN_ENV})",
-        pipeline.name,
-        manager.device,
+        describe_pool(pool),
     )
     if not loopback and not locked:
         logger.warning(
@@ -417,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.run()
     finally:
-        manager.stop_monitor()
+        for name in pool.names():
+            pool[name].stop_monitor()  # the last one stops the pool's watcher thread
         delete_partial_videos(config.output_dir)
     if gate.running:
         left = gate.running

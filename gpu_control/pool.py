@@ -227,7 +227,7 @@ class GPUPool:
 
     def __contains__(self, name: object) -> bool:
         with self._cond:
-            return name in self._names
+            return isinstance(name, str) and name in self._names
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

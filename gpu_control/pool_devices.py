@@ -133,7 +133,11 @@ def _cuda_total(device: torch.device) -> int | None:
 
 
 def device_budgets(
-    devices: list[PoolDevice], budget_gb: float | Mapping[str, Any] | str | None, reserve_gb: Any
+    devices: list[PoolDevice],
+    budget_gb: float | Mapping[str, Any] | str | None,
+    reserve_gb: Any,
+    *,
+    names: tuple[str, str] = ("budget_gb", "reserve_gb"),
 ) -> None:
     """Set each device's budget in bytes.
 
@@ -143,23 +147,25 @@ def device_budgets(
             device, or a mapping by device name (devices left out get the default); a string
             ``"20"`` or ``"cuda:0=20,cuda:1=10"`` as in ``GPU_BUDGET_GB``.
         reserve_gb: GiB kept free on each device whose budget is not given.
+        names: what the budget and the reserve are called where the user set them.
 
     Raises:
         InvalidSetting: a budget that is not a positive number, a device the pool does not
             have, or a reserve that leaves nothing.
     """
-    reserve = validate_timeout("reserve_gb", reserve_gb, allow_inf=False, unit="GiB", maximum=_MAX_GB)
-    by_name = _budget_map(budget_gb, devices)
+    budget_name, reserve_name = names
+    reserve = validate_timeout(reserve_name, reserve_gb, allow_inf=False, unit="GiB", maximum=_MAX_GB)
+    by_name = _budget_map(budget_gb, devices, budget_name)
     for device in devices:
         gib = by_name.get(device.name)
         if gib is None:
             if device.total is None:
-                raise InvalidSetting(f"The memory of {device.name} is unknown: give its budget_gb.")
+                raise InvalidSetting(f"The memory of {device.name} is unknown: set {budget_name}.")
             budget = device.total - int(reserve * GIB)
             if budget <= 0:
                 raise InvalidSetting(
-                    f"reserve_gb={reserve:g} leaves no room on {device.name} "
-                    f"({device.total / GIB:.1f} GiB): lower it or give budget_gb."
+                    f"{reserve_name}={reserve:g} leaves no room on {device.name} "
+                    f"({device.total / GIB:.1f} GiB): lower it or give {budget_name}."
                 )
             device.budget = budget
         else:
@@ -230,13 +236,16 @@ class PoolSettings:
         reserve = get("GPU_RESERVE_GB")
         host = get("GPU_HOST_BUDGET_GB")
         wait = get("GPU_WAIT_TIMEOUT")
-        records = parse_devices(devices) if devices else None
-        if budget is not None:
-            _budget_map(budget, records or parse_devices(None), "GPU_BUDGET_GB")
+        try:
+            records = parse_devices(devices)
+        except InvalidSetting as error:
+            raise InvalidSetting(f"GPU_DEVICES: {error}") from None
+        reserve_gb = 1.0 if reserve is None else _gb("GPU_RESERVE_GB", reserve, positive=False)
+        device_budgets(records, budget, reserve_gb, names=("GPU_BUDGET_GB", "GPU_RESERVE_GB"))
         return cls(
             devices=devices,
             budget_gb=budget,
-            reserve_gb=1.0 if reserve is None else _gb("GPU_RESERVE_GB", reserve, positive=False),
+            reserve_gb=reserve_gb,
             host_budget_gb=None if host is None else _gb("GPU_HOST_BUDGET_GB", host, positive=True),
             wait_timeout=DEFAULT_WAIT_TIMEOUT
             if wait is None

@@ -1,32 +1,30 @@
 """The app's Blocks UI: portrait + speech in, talking video out, with the live GPU panel.
 
 Layout and wiring only: the model's lifecycle belongs to `gpu_control`, generation to
-`pipelines`. Every event that touches the model shares one queue slot
+`pipelines`. Every event that touches a model shares one queue slot
 (``concurrency_id="gpu"``, limit 1); the GPU panel's controls are not queued and answer at
-once. ``generate_video`` is also an API endpoint and an MCP tool (its docstring is the tool's
-description) and answers JSON text.
+once. ``generate_video`` (`ui.generate`) is also an API endpoint and an MCP tool (its
+docstring is the tool's description) and answers JSON text. With a pool of several
+pipelines, the form has a model selector and each job runs through that model's manager.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import logging
 import math
-import time
-import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import gradio as gr
 from PIL import Image
 
-from gpu_control import ControlAccess, GpuControlError, GPUResourceManager, LoadError
-from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
-from pipelines.jobs import JobCancelled, JobGate, ShuttingDown
-from pipelines.media import prune_videos
+from gpu_control import ControlAccess, GPUPool, GPUResourceManager
+from pipelines import Pipeline
+from pipelines.jobs import JobGate
 
+from .generate import DEFAULT_KEEP_VIDEOS_S, make_generate_fn
+from .generate import _public_url as _public_url  # importable here as before the move
 from .gpu_panel import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
 
 __all__ = [
@@ -39,10 +37,7 @@ __all__ = [
     "make_generate_fn",
 ]
 
-logger = logging.getLogger(__name__)
-
 GPU_QUEUE = "gpu"
-DEFAULT_KEEP_VIDEOS_S = 24 * 3600.0  # generated videos older than this are deleted
 """The concurrency id every model-touching event shares (with a limit of 1)."""
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -116,157 +111,6 @@ def example_rows(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
     return [[str(images[i % len(images)]), str(audios[i % len(audios)])] for i in range(count)]
 
 
-def _public_url(request: gr.Request | None, path: str) -> str | None:
-    """The URL at which Gradio serves ``path`` to the caller of ``request``."""
-    if request is None:
-        return None
-    headers = {str(k).lower(): str(v) for k, v in dict(getattr(request, "headers", {}) or {}).items()}
-    host = headers.get("x-forwarded-host", headers.get("host", "")).split(",")[0].strip()
-    if not host:
-        return None
-    proto = headers.get("x-forwarded-proto", "").split(",")[0].strip()
-    if not proto:
-        url = str(getattr(request, "url", "") or "")
-        proto = "https" if url.startswith("https:") else "http"
-    return f"{proto}://{host}/gradio_api/file={quote(path)}"
-
-
-def _counts(manager: GPUResourceManager) -> dict[str, int]:
-    return dict(manager.get_status()["counts"])
-
-
-def make_generate_fn(
-    manager: GPUResourceManager,
-    pipeline: Pipeline,
-    output_dir: Path,
-    keep_videos_s: float = DEFAULT_KEEP_VIDEOS_S,
-    *,
-    gate: JobGate | None = None,
-    allow_url_inputs: bool = True,
-) -> Any:
-    """Build ``generate_video``, the function behind the Generate button, the API and MCP.
-
-    Args:
-        manager: owns the model's GPU-memory lifecycle.
-        pipeline: turns a portrait and a speech track into a video.
-        output_dir: where videos are written.
-        keep_videos_s: videos in ``output_dir`` older than this are deleted before each job (0: never).
-        gate: admits jobs; once closed it refuses them, and a cancelled job stops at its next
-            progress report (default: a gate of its own).
-        allow_url_inputs: whether the tool description offers http(s) URLs for files.
-
-    Returns:
-        ``generate_video(image, audio, fps, size, ...)``; it answers JSON text and raises
-        `ToolError` with a sentence for anything it cannot do.
-    """
-    gate = JobGate() if gate is None else gate
-
-    def generate_video(
-        image: str | None,
-        audio: str | None,
-        fps: float = 25,
-        size: float = 512,
-        expressiveness: float = 1.0,
-        head_motion: float = 1.0,
-        blinks: float = 1.0,
-        seed: float = 0,
-        mouth: str | None = None,
-        request: gr.Request = None,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to ask for a progress bar
-    ) -> str:
-        """Animate a portrait so that it speaks the given speech track, and return the talking video.
-
-        The video model is loaded on the GPU for the job (from disk on the first job, from host RAM afterwards) and moved off the GPU when the job ends. Jobs run one at a time.
-
-        Args:
-            image: the portrait: one face, roughly frontal (png, jpeg or webp; at least 64 px a side, at most 4 times as wide as tall or the reverse). Over MCP: a data: URI (data:image/png;base64,...) or an http(s) URL of a public file.
-            audio: the speech track (wav, mp3, flac, ogg or m4a; at least 0.5 s); the video is as long as the audio. Over MCP: a data: URI (data:audio/wav;base64,...) or an http(s) URL of a public file.
-            fps: frames per second of the video (1-60).
-            size: long side of the video in pixels (64-2048); the short side follows the portrait.
-            expressiveness: how wide the mouth opens (0-2; 0 keeps it closed).
-            head_motion: how much the head sways and nods (0-2; 0 keeps it still).
-            blinks: blink rate relative to a natural one (0-3; 0 disables blinking).
-            seed: makes head motion and blinks repeatable (whole number).
-            mouth: optional mouth position "x,y" as fractions of the image width and height (e.g. "0.5,0.7"); empty detects it automatically.
-
-        Returns:
-            JSON text: video_url (where to download the MP4), video_path (on the server), duration_s, frames, fps, width, height, notes (remarks such as no face found), timings in seconds (acquire = load or restore the model, generate, release = offload after the job) and acquired_by ("load", "restore" or "resident").
-        """
-        if not image:
-            raise ToolError(
-                "Add a portrait image first: upload one, paste one, or click an example below.",
-                print_exception=False,
-            )
-        if not audio:
-            raise ToolError(
-                "Add a speech track first: upload an audio file or record one with the microphone.",
-                print_exception=False,
-            )
-        if keep_videos_s > 0:
-            prune_videos(output_dir, max_age_s=keep_videos_s, pattern="talking-*.mp4")
-        output_path = output_dir / f"talking-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.mp4"
-        try:
-            options = GenerateOptions.from_mapping(
-                {
-                    "fps": fps,
-                    "size": size,
-                    "expressiveness": expressiveness,
-                    "head_motion": head_motion,
-                    "blinks": blinks,
-                    "seed": seed,
-                    "mouth": mouth,
-                    "output_path": str(output_path),
-                }
-            )
-        except ValueError as error:
-            raise ToolError(f"{error}", print_exception=False) from error
-
-        def report(fraction: float, message: str) -> None:
-            gate.check()  # a job cancelled at shutdown stops here, at its next progress report
-            progress(fraction, desc=message)
-
-        progress(0.0, desc="Waiting for the model")
-        try:
-            with gate.job():
-                before = _counts(manager)
-                video = run_pipeline(manager, pipeline, image, audio, options, report)
-        except (ShuttingDown, JobCancelled, MediaError) as error:
-            raise ToolError(str(error), print_exception=False) from error
-        except LoadError as error:
-            raise ToolError(
-                f"{error} Check the server log; the next request tries to load it again."
-            ) from error
-        except (GpuControlError, PipelineError) as error:
-            raise ToolError(str(error)) from error
-        except Exception as error:
-            logger.exception("generate_video failed")
-            raise ToolError(
-                "The video could not be made because of an error on the server; its log has the details.",
-                print_exception=False,
-            ) from error
-        after = _counts(manager)
-        if after["loads"] > before["loads"]:
-            acquired_by = "load"
-        elif after["restores"] > before["restores"]:
-            acquired_by = "restore"
-        else:
-            acquired_by = "resident"
-        result = {
-            "video_url": _public_url(request, video.path),
-            "video_path": video.path,
-            **{k: v for k, v in video.to_dict().items() if k != "path"},
-            "acquired_by": acquired_by,
-            "offloaded": after["offloads"] > before["offloads"],
-        }
-        return json.dumps(result)
-
-    if not allow_url_inputs:
-        generate_video.__doc__ = (generate_video.__doc__ or "").replace(
-            " or an http(s) URL of a public file.", "; this server does not fetch URLs."
-        )
-    return generate_video
-
-
 _PHASES = ("validate", "acquire", "generate", "release")
 
 
@@ -299,7 +143,8 @@ def cost_html(result: dict[str, Any]) -> str:
     known = [seconds for _, seconds in phases if seconds is not None]
     total = sum(known) if known else None
     cells = "".join(
-        f'<div class="tp-phase"><span>{html.escape(name)}</span><b>{_shown(seconds, format_seconds)}</b></div>'
+        f'<div class="tp-phase"><span>{html.escape(name)}</span>'
+        f"<b>{_shown(seconds, format_seconds)}</b></div>"
         for name, seconds in phases
     )
     cells += f'<div class="tp-phase tp-total"><span>Total</span><b>{_shown(total, format_seconds)}</b></div>'
@@ -324,7 +169,8 @@ def cost_html(result: dict[str, Any]) -> str:
     )
     return (
         '<div class="tp-cost"><div class="tp-cost-title">What this job cost</div>'
-        f'<div class="tp-phases">{cells}</div>{breakdown}<div class="tp-facts">{facts}</div>{notes_html}</div>'
+        f'<div class="tp-phases">{cells}</div>{breakdown}'
+        f'<div class="tp-facts">{facts}</div>{notes_html}</div>'
     )
 
 
@@ -410,12 +256,14 @@ def build_demo(
     access: ControlAccess | None = None,
     gate: JobGate | None = None,
     allow_url_inputs: bool = True,
+    pool: GPUPool | None = None,
+    pipelines: dict[str, Pipeline] | None = None,
 ) -> gr.Blocks:
-    """Build the Blocks app around one manager and one pipeline.
+    """Build the Blocks app around one manager and one pipeline, or a pool of them.
 
     Args:
-        manager: owns the model's GPU-memory lifecycle.
-        pipeline: turns a portrait and a speech track into a video.
+        manager: owns the model's GPU-memory lifecycle (with a pool: the default model's).
+        pipeline: turns a portrait and a speech track into a video (``manager``'s).
         output_dir: where videos are written (default: ``outputs/`` in the working folder).
             Serve its videos by passing it as ``output_dir`` to `ui.mount_demo`.
         examples: ``[[image, audio], ...]`` shown under the inputs (default: `example_rows()`).
@@ -425,17 +273,31 @@ def build_demo(
         gate: admits jobs and cancels them at shutdown (default: a gate of its own).
         allow_url_inputs: whether the MCP tool description offers http(s) URLs for files; pass
             the same value to `ui.mount_demo`, which enforces it.
+        pool: the models sharing the devices: the GPU panel and tools then show and control
+            each of them.
+        pipelines: ``{model name: pipeline}`` of the pool's models; with more than one, the
+            form has a model selector (``generate_video`` a ``model`` argument) and each job
+            runs through ``pool[name]``.
 
     Returns:
         The Blocks; mount it with ``ui.mount_demo(app, demo, path="/", mcp_server=True,
         output_dir=output_dir, output_pattern="talking-*.mp4", **appearance())``.
+
+    Raises:
+        ValueError: several pipelines without a pool.
+        KeyError: a pipeline whose name is not a model of the pool.
     """
     out = Path(output_dir) if output_dir is not None else Path.cwd() / "outputs"
     out.mkdir(parents=True, exist_ok=True)
     rows = example_rows() if examples is None else examples
     gate = JobGate() if gate is None else gate
+    models = None
+    if pipelines is not None and len(pipelines) > 1:
+        if pool is None:
+            raise ValueError("Several pipelines need a pool: pass pool= with a model for each pipeline.")
+        models = {name: (pool[name], each) for name, each in pipelines.items()}
     generate_video = make_generate_fn(
-        manager, pipeline, out, keep_videos_s, gate=gate, allow_url_inputs=allow_url_inputs
+        manager, pipeline, out, keep_videos_s, gate=gate, allow_url_inputs=allow_url_inputs, models=models
     )
     show_result = _result_shower(out)
     cache_sweep = None
@@ -443,7 +305,7 @@ def build_demo(
         cache_sweep = (int(min(3600, max(60, keep_videos_s))), int(max(60, keep_videos_s)))
 
     with gr.Blocks(title="Talking Portrait · gpu_control", delete_cache=cache_sweep) as demo:
-        register_gpu_api(manager, access=access)
+        register_gpu_api(manager, access=access, pool=pool)
         gr.HTML(_HEADER, padding=False)
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
@@ -462,6 +324,16 @@ def build_demo(
                             sources=["upload", "microphone"],
                             elem_id="speech",
                         )
+                        model_choice = None
+                        if models is not None:
+                            model_choice = gr.Dropdown(
+                                choices=list(models),
+                                value=manager.name if manager.name in models else next(iter(models)),
+                                label="Model",
+                                info="which model makes the video",
+                                allow_custom_value=True,  # generate_video refuses an unknown name in words
+                                elem_id="model-choice",
+                            )
                         generate = gr.Button(
                             "Generate video", variant="primary", size="lg", elem_id="generate"
                         )
@@ -495,9 +367,18 @@ def build_demo(
                         elem_id="examples",
                     )
             with gr.Column(scale=4, min_width=320):
-                gpu_panel(manager, load_func=pipeline.load, refresh_seconds=refresh_seconds, access=access)
+                gpu_panel(
+                    manager,
+                    load_func=pipeline.load,
+                    refresh_seconds=refresh_seconds,
+                    access=access,
+                    pool=pool,
+                    load_funcs=None if pipelines is None else {name: p.load for name, p in pipelines.items()},
+                )
 
         inputs = [image, audio, fps, size, expressiveness, head_motion, blinks, seed, mouth]
+        if model_choice is not None:
+            inputs.append(model_choice)
         job = {"concurrency_id": GPU_QUEUE, "concurrency_limit": 1, "show_progress_on": [video]}
         shown = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
         generate.click(

@@ -11,43 +11,39 @@ requested during a job answer "deferred"; the message line then follows the requ
 what happened when it was carried out (or cancelled). Messages older than a minute are
 cleared.
 
-Controls go through `ControlAccess`: when the app has a control token, the panel shows a
-password field whose value is sent with each control event, and the handlers check it (with
-the request's own headers) before touching the manager, because the UI's event routes can
-be called over HTTP like any other. Reads (page load, the timer's refresh) stay open.
+With a `GPUPool` (``gpu_panel(pool["a"], pool=pool)``) the panel also shows each device's
+used/budget bar and a row per model, and a model selector chooses which model the buttons and
+timeouts act on (the default model first). The selected name comes from the browser: it is
+looked up in the pool, and an unknown one is refused with a sentence naming the known models.
+
+Controls go through `ControlAccess` (`ui.panel_controls`): when the app has a control token,
+the panel shows a password field whose value is sent with each control event, and the handlers
+check it (with the request's own headers) before touching a manager, because the UI's event
+routes can be called over HTTP like any other. Reads (page load, the timer's refresh, the
+model selector) stay open.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
 import math
-import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from gpu_control import (
-    ControlAccess,
-    ControlLocked,
-    GpuControlError,
-    GPUResourceManager,
-    InvalidSetting,
-    Outcome,
-)
-from gpu_control.config import validate_timeout
-from gpu_control.rest import apply_settings
+from gpu_control import ControlAccess, GPUPool, GPUResourceManager
 
 from .gpu_tools import ToolError, register_gpu_api
+from .panel_controls import MESSAGE_TTL_S, PanelControls, follow, message_line, parse_timeout, seconds_text
 from .panel_render import (
     PANEL_CSS,
     format_countdown,
     format_gb,
     format_seconds,
     format_size,
+    render_pool,
     render_status,
 )
 
@@ -63,14 +59,11 @@ __all__ = [
     "gpu_panel",
     "parse_timeout",
     "register_gpu_api",
+    "render_pool",
     "render_status",
 ]
 
 DEFAULT_REFRESH_SECONDS = 1.5
-MESSAGE_TTL_S = 60.0
-"""Seconds a settled message stays on the panel's message line before the refresh clears it."""
-
-_MAX_MESSAGE_CHARS = 4096
 
 LOCK_NOTE = (
     '<div class="gpc-lock gpc-lock-waiting"><b>Control is locked.</b> This server has a control '
@@ -81,102 +74,16 @@ LOCK_NOTE = (
 )
 """The lock note; CSS shows its second half once something is typed in the token field."""
 
-_DONE_WHERE = {"offload": "in the host cache", "release": "released"}
-
-
-def parse_timeout(name: str, text: Any, *, never: float) -> float:
-    """A timeout typed in the panel: a number of seconds, or ``never``.
-
-    Args:
-        name: the field's label, for messages.
-        text: what the user typed (any value an HTTP caller may send).
-        never: the value that means never for this setting (``inf`` for the idle timeout,
-            0 for the release timeout).
-
-    Returns:
-        Seconds (``never`` when the user typed never).
-
-    Raises:
-        InvalidSetting: the field is empty, not a number, or out of range (the message says
-            what to type instead).
-    """
-    value = "" if text is None else str(text).strip()
-    if not value:
-        raise InvalidSetting(f"{name} is empty: type a number of seconds, or never.")
-    if value.lower() == "never":
-        return never
-    return validate_timeout(name, value, allow_inf=math.isinf(never))
-
-
-def _seconds_text(value: float, *, never: float) -> str:
-    """A setting as the panel's text fields show it: ``300``, ``2.5`` or ``never``."""
-    if value == never or math.isinf(value):
-        return "never"
-    return f"{value:.10g}"
-
-
-def _error_tag(status: dict[str, Any]) -> str:
-    """A short fingerprint of the status's last error (empty when there is none)."""
-    error = status.get("last_error")
-    return hashlib.sha256(str(error).encode()).hexdigest()[:12] if error else ""
-
-
-def _message(text: str, kind: str = "", *, watch: str = "", before: dict[str, Any] | None = None) -> str:
-    """The message line: the sentence (escaped) after the UTC time it was answered.
-
-    The line also carries its own state, so that the refresh needs no session state: when it
-    was shown (``data-at``) and, for a deferred offload/release, the action and the counts and
-    error before it (to tell later what became of it).
-    """
-    body = html.escape(text)
-    if kind:
-        body = f'<span class="gpc-{kind}">{body}</span>'
-    attributes = f'data-at="{time.time():.3f}"'
-    if watch and before is not None:
-        counts = before.get("counts") or {}
-        attributes += (
-            f' data-watch="{watch}" data-counts="{int(counts.get("offloads", 0))},'
-            f'{int(counts.get("releases", 0))}" data-error="{_error_tag(before)}"'
-        )
-    stamp = time.strftime("%H:%M:%S", time.gmtime())
-    return f'<div class="gpc-note" {attributes}><span class="gpc-muted">{stamp} UTC</span> · {body}</div>'
-
-
-_NOTE = re.compile(
-    r'<div class="gpc-note" data-at="(?P<at>\d+(?:\.\d+)?)"'
-    r'(?: data-watch="(?P<action>offload|release)" data-counts="(?P<offloads>\d+),(?P<releases>\d+)"'
-    r' data-error="(?P<error>[0-9a-f]*)")?>'
-)
-
-
-def _read_note(message: Any) -> re.Match[str] | None:
-    """The state a message line carries (see `_message`); None for an empty or foreign value."""
-    if not isinstance(message, str) or len(message) > _MAX_MESSAGE_CHARS:
-        return None
-    return _NOTE.match(message)
-
-
-def _settled(note: re.Match[str], status: dict[str, Any]) -> tuple[str, str] | None:
-    """(sentence, kind) once a deferred request has ended; None while it is still waiting."""
-    action = note["action"]
-    if action in (status.get("pending") or []):
-        return None
-    counts = status.get("counts") or {}
-    last = status.get("last_transition") or {}
-    took = f" ({format_seconds(last['seconds'])})" if last.get("kind") == action and "seconds" in last else ""
-    if counts.get(f"{action}s", 0) > int(note[f"{action}s"]):
-        return f"The deferred {action} is done: the model is {_DONE_WHERE[action]}{took}.", ""
-    if action == "offload" and counts.get("releases", 0) > int(note["releases"]):
-        return "The deferred offload was overtaken by a release: the model is released.", ""
-    if status.get("last_error") and _error_tag(status) != note["error"]:
-        return f"The deferred {action} did not happen: an error came first (see Last error above).", "failed"
-    where = {"gpu": "on the device", "cpu": "in the host cache"}.get(status.get("model_location"), "released")
-    return f"The deferred {action} did not happen (cancelled, e.g. by Preheat); the model is {where}.", ""
+_QUICK = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+"""Panel events answer at once, beside a running job, and are not part of the app's API."""
 
 
 @dataclass
 class GPUPanel:
-    """The components of a GPU panel, for apps that want to wire more events to them."""
+    """The components of a GPU panel, for apps that want to wire more events to them.
+
+    ``pool`` and ``model`` (the pool's overview and the model selector) are None without a pool.
+    """
 
     status: gr.HTML
     message: gr.HTML
@@ -189,6 +96,8 @@ class GPUPanel:
     offload_after_use: gr.Checkbox
     apply: gr.Button
     timer: gr.Timer
+    pool: gr.HTML | None = None
+    model: gr.Dropdown | None = None
 
 
 def gpu_panel(
@@ -197,119 +106,69 @@ def gpu_panel(
     load_func: Callable[[], Any] | None = None,
     refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
     access: ControlAccess | None = None,
+    pool: GPUPool | None = None,
+    load_funcs: dict[str, Callable[[], Any]] | None = None,
 ) -> GPUPanel:
     """Lay out the live GPU panel in the current Blocks context and wire its events.
 
     Args:
-        manager: the manager the panel shows and controls.
-        load_func: what Preheat loads (default: the manager's own load function).
+        manager: the manager the panel shows and controls; with a pool, its default model
+            (selected first; the pool's first model when ``manager`` is not one of its own).
+        load_func: what Preheat loads for ``manager`` (default: the manager's own load function).
         refresh_seconds: how often the panel refreshes (a ``gr.Timer``).
         access: who may change state (control token, same origin); None: ``ControlAccess()``
             (no token, same origin only).
+        pool: the models sharing the devices; the panel then shows every device and model,
+            and a selector picks the model the controls act on.
+        load_funcs: what Preheat loads, by model name (default: each model's own load function).
 
     Returns:
         The panel's components.
+
+    Raises:
+        ValueError: the pool has no model.
     """
-    control = ControlAccess() if access is None else access
+    controls = PanelControls(ControlAccess() if access is None else access)
+    if pool is None:
+        panel = _layout(controls.access.locked, refresh_seconds, None, None)
+        _wire_manager(panel, controls, manager, load_func)
+        return panel
+    names = pool.names()
+    if not names:
+        raise ValueError("The pool has no model: add one before building its panel.")
+    own = manager.name in names and pool[manager.name] is manager
+    default = manager.name if own else names[0]
+    funcs = dict(load_funcs or {})
+    if own and load_func is not None:
+        funcs.setdefault(default, load_func)
+    panel = _layout(controls.access.locked, refresh_seconds, pool, default)
+    _wire_pool(panel, controls, pool, default, funcs)
+    return panel
 
-    def current() -> str:
-        return render_status(manager.get_status())
 
-    def refused(request: gr.Request | None, token: Any, verb: str) -> str | None:
-        """The panel's answer when this request may not change state; None when it may."""
-        try:
-            control.authorize(getattr(request, "headers", None), token=None if token is None else str(token))
-        except ControlLocked:
-            if token:
-                return (
-                    "Locked: the control token is not right, so nothing was done; "
-                    f"check it and {verb} again."
-                )
-            return f"Locked: enter the control token in the field above to {verb}."
-        except GpuControlError as error:
-            return str(error)
-        return None
-
-    def move(action: str, token: Any, request: gr.Request | None) -> tuple[str, str]:
-        refusal = refused(request, token, action)
-        if refusal:
-            return current(), _message(refusal, "refused")
-        before = manager.get_status()
-        request_move = manager.force_offload if action == "offload" else manager.force_release
-        try:
-            result = request_move()
-        except GpuControlError as error:
-            return current(), _message(str(error), "failed")
-        if result.outcome is Outcome.DEFERRED:
-            return current(), _message(result.message, watch=action, before=before)
-        return current(), _message(result.message)
-
-    def offload(token: str | None, request: gr.Request) -> tuple[str, str]:
-        return move("offload", token, request)
-
-    def release(token: str | None, request: gr.Request) -> tuple[str, str]:
-        return move("release", token, request)
-
-    def preheat(token: str | None, request: gr.Request) -> tuple[str, str]:
-        refusal = refused(request, token, "preheat")
-        if refusal:
-            return current(), _message(refusal, "refused")
-        status = manager.get_status()
-        if status["transition"] in ("loading", "restoring") and not status["pending"]:
-            text = f"Already {status['transition']}: the model will be on the device in a moment."
-            return current(), _message(text)
-        try:
-            text, kind = manager.preheat(load_func).message, ""
-        except GpuControlError as error:
-            text, kind = str(error), "failed"
-        return current(), _message(text, kind)
-
-    def apply(
-        idle: str | None, release_after: str | None, after_use: bool, token: str | None, request: gr.Request
-    ) -> tuple[str, str]:
-        refusal = refused(request, token, "change the timeouts")
-        if refusal:
-            return current(), _message(refusal, "refused")
-        try:
-            result = apply_settings(
-                manager,
-                timeout=parse_timeout("Idle timeout", idle, never=math.inf),
-                release_timeout=parse_timeout("Release timeout", release_after, never=0.0),
-                offload_after_use=after_use,
-                names=("Idle timeout", "Release timeout", "Offload after use"),
-            )
-        except InvalidSetting as error:
-            return current(), _message(f"{error} Nothing was changed.", "failed")
-        return current(), _message(result.message)
-
-    def refresh(message: str | None) -> tuple[str, Any]:
-        status = manager.get_status()
-        page = render_status(status)
-        note = _read_note(message)
-        if note is None:
-            return page, ("" if message else gr.skip())
-        if note["action"]:
-            settled = _settled(note, status)
-            return page, (gr.skip() if settled is None else _message(*settled))
-        if time.time() - float(note["at"]) > MESSAGE_TTL_S:
-            return page, ""
-        return page, gr.skip()
-
-    def on_page_load() -> tuple[str, str, str, bool]:
-        idle = _seconds_text(manager.idle_timeout, never=math.inf)
-        release_after = _seconds_text(manager.release_timeout, never=0.0)
-        return current(), idle, release_after, manager.offload_after_use
-
+def _layout(locked: bool, refresh_seconds: float, pool: GPUPool | None, default: str | None) -> GPUPanel:
+    """The panel's components, in the current Blocks context (no events yet)."""
+    overview = selector = None
     with gr.Column(elem_classes="gpc-card"):
         gr.HTML('<div class="gpc-title">GPU memory manager</div>', padding=False)
+        if pool is not None:
+            overview = gr.HTML(elem_id="gpu-pool", padding=False)
+            selector = gr.Dropdown(
+                choices=pool.names(),
+                value=default,
+                label="Model",
+                info="the buttons and timeouts below act on this model",
+                allow_custom_value=True,  # an unknown name reaches the handlers, which refuse it in words
+                elem_id="gpu-model",
+            )
         status_html = gr.HTML(elem_id="gpu-status", padding=False)
-        gr.HTML(LOCK_NOTE, visible=control.locked, padding=False, elem_id="gpu-lock-note")
+        gr.HTML(LOCK_NOTE, visible=locked, padding=False, elem_id="gpu-lock-note")
         token_input = gr.Textbox(
             label="Control token",
             type="password",
             placeholder="needed for the buttons and timeouts",
             max_lines=1,
-            visible=control.locked,
+            visible=locked,
             elem_id="gpu-token",
         )
         with gr.Row(equal_height=True):
@@ -341,21 +200,6 @@ def gpu_panel(
                 apply_button = gr.Button(
                     "Apply", size="sm", variant="primary", elem_id="gpu-apply", scale=0, min_width=90
                 )
-    timer = gr.Timer(refresh_seconds)
-
-    quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    answer = [status_html, message]
-    gr.on(None, on_page_load, outputs=[status_html, idle_input, release_input, after_use_input], **quick)
-    timer.tick(refresh, inputs=message, outputs=answer, **quick)
-    offload_button.click(offload, inputs=token_input, outputs=answer, **quick)
-    release_button.click(release, inputs=token_input, outputs=answer, **quick)
-    preheat_button.click(preheat, inputs=token_input, outputs=answer, queue=False, api_visibility="private")
-    apply_button.click(
-        apply,
-        inputs=[idle_input, release_input, after_use_input, token_input],
-        outputs=answer,
-        **quick,
-    )
     return GPUPanel(
         status=status_html,
         message=message,
@@ -367,5 +211,162 @@ def gpu_panel(
         release_timeout=release_input,
         offload_after_use=after_use_input,
         apply=apply_button,
-        timer=timer,
+        timer=gr.Timer(refresh_seconds),
+        pool=overview,
+        model=selector,
     )
+
+
+def _settings(manager: GPUResourceManager) -> tuple[str, str, bool]:
+    """The timeouts' fields for ``manager``: idle, release, offload after use."""
+    idle = seconds_text(manager.idle_timeout, never=math.inf)
+    return idle, seconds_text(manager.release_timeout, never=0.0), manager.offload_after_use
+
+
+def _wire_manager(
+    panel: GPUPanel, controls: PanelControls, manager: GPUResourceManager, load_func: Callable[[], Any] | None
+) -> None:
+    """Wire the panel of one manager."""
+
+    def current() -> str:
+        return render_status(manager.get_status())
+
+    def act(verb: str, token: Any, request: gr.Request | None, do: Callable[[], str]) -> tuple[str, str]:
+        refusal = controls.refused(request, token, verb)
+        message = message_line(refusal, "refused") if refusal else do()
+        return current(), message
+
+    def offload(token: str | None, request: gr.Request) -> tuple[str, str]:
+        return act("offload", token, request, lambda: controls.move(manager, "offload"))
+
+    def release(token: str | None, request: gr.Request) -> tuple[str, str]:
+        return act("release", token, request, lambda: controls.move(manager, "release"))
+
+    def preheat(token: str | None, request: gr.Request) -> tuple[str, str]:
+        return act("preheat", token, request, lambda: controls.preheat(manager, load_func))
+
+    def apply(
+        idle: str | None, release_after: str | None, after_use: bool, token: str | None, request: gr.Request
+    ) -> tuple[str, str]:
+        return act(
+            "change the timeouts",
+            token,
+            request,
+            lambda: controls.apply(manager, idle, release_after, after_use),
+        )
+
+    def refresh(message: str | None) -> tuple[str, Any]:
+        status = manager.get_status()
+        return render_status(status), follow(message, lambda model: status if model is None else None)
+
+    def on_page_load() -> tuple[str, str, str, bool]:
+        return (current(), *_settings(manager))
+
+    settings = [panel.idle_timeout, panel.release_timeout, panel.offload_after_use]
+    answer = [panel.status, panel.message]
+    gr.on(None, on_page_load, outputs=[panel.status, *settings], **_QUICK)
+    panel.timer.tick(refresh, inputs=panel.message, outputs=answer, **_QUICK)
+    panel.offload.click(offload, inputs=panel.token, outputs=answer, **_QUICK)
+    panel.release.click(release, inputs=panel.token, outputs=answer, **_QUICK)
+    panel.preheat.click(preheat, inputs=panel.token, outputs=answer, queue=False, api_visibility="private")
+    panel.apply.click(apply, inputs=[*settings, panel.token], outputs=answer, **_QUICK)
+
+
+def _wire_pool(
+    panel: GPUPanel,
+    controls: PanelControls,
+    pool: GPUPool,
+    default: str,
+    load_funcs: dict[str, Callable[[], Any]],
+) -> None:
+    """Wire the panel of a pool: every control acts on the model the selector names."""
+
+    def pick(model: Any) -> tuple[Any, Any]:
+        """(name, manager) of the model the browser named ("" or None: the default); else (None, why)."""
+        name = default if model is None or model == "" else model
+        try:
+            return name, pool[name]
+        except KeyError as error:  # the pool's sentence: the name (an excerpt) and the known models
+            return None, str(error.args[0])
+
+    def views(name: str | None, problem: str = "", status: dict[str, Any] | None = None) -> tuple[str, str]:
+        """The overview and the card of the model ``name`` (or the problem, when there is none)."""
+        status = pool.get_status() if status is None else status
+        model = status["models"].get(name) if name else None
+        if model is None:
+            problem = html.escape(problem or "That model left the pool.")
+            card = f'<div class="gpc-alert gpc-error">{problem}</div>'
+        else:
+            card = render_status(model, memory=False)
+        return render_pool(status, name), card
+
+    def act(
+        model: Any, verb: str, token: Any, request: gr.Request | None, do: Callable[[str, Any], str]
+    ) -> tuple[str, ...]:
+        refusal = controls.refused(request, token, verb)
+        name, found = pick(model)
+        if refusal:
+            message = message_line(refusal, "refused")
+        elif name is None:
+            message = message_line(f"{found} Nothing was done.", "refused")
+        else:
+            message = do(name, found)
+        return (*views(name or default), message)
+
+    def offload(model: str | None, token: str | None, request: gr.Request) -> tuple[str, ...]:
+        return act(model, "offload", token, request, lambda name, m: controls.move(m, "offload", name))
+
+    def release(model: str | None, token: str | None, request: gr.Request) -> tuple[str, ...]:
+        return act(model, "release", token, request, lambda name, m: controls.move(m, "release", name))
+
+    def preheat(model: str | None, token: str | None, request: gr.Request) -> tuple[str, ...]:
+        return act(
+            model, "preheat", token, request, lambda name, m: controls.preheat(m, load_funcs.get(name), name)
+        )
+
+    def apply(
+        model: str | None,
+        idle: str | None,
+        release_after: str | None,
+        after_use: bool,
+        token: str | None,
+        request: gr.Request,
+    ) -> tuple[str, ...]:
+        return act(
+            model,
+            "change the timeouts",
+            token,
+            request,
+            lambda name, m: controls.apply(m, idle, release_after, after_use, name),
+        )
+
+    def refresh(model: str | None, message: str | None) -> tuple[str, str, Any]:
+        status = pool.get_status()
+        name, found = pick(model)
+        overview, card = views(name, "" if name else found, status)
+        return overview, card, follow(message, lambda note_model: status["models"].get(note_model or ""))
+
+    def chosen(name: str | None, found: Any) -> tuple[Any, ...]:
+        """The overview, the card and the timeouts' fields of `pick`'s answer (left as they are: none)."""
+        if name is None:
+            return (*views(None, found), gr.skip(), gr.skip(), gr.skip())
+        return (*views(name), *_settings(found))
+
+    def on_page_load() -> tuple[Any, ...]:
+        return chosen(*pick(None))
+
+    def on_select(model: str | None) -> tuple[Any, ...]:
+        name, found = pick(model)
+        return (*chosen(name, found), gr.skip() if name is not None else message_line(found, "refused"))
+
+    settings = [panel.idle_timeout, panel.release_timeout, panel.offload_after_use]
+    shown = [panel.pool, panel.status]
+    answer = [*shown, panel.message]
+    gr.on(None, on_page_load, outputs=[*shown, *settings], **_QUICK)
+    panel.timer.tick(refresh, inputs=[panel.model, panel.message], outputs=answer, **_QUICK)
+    panel.model.change(on_select, inputs=panel.model, outputs=[*shown, *settings, panel.message], **_QUICK)
+    model_token = [panel.model, panel.token]
+    panel.offload.click(offload, inputs=model_token, outputs=answer, **_QUICK)
+    panel.release.click(release, inputs=model_token, outputs=answer, **_QUICK)
+    panel.preheat.click(preheat, inputs=model_token, outputs=answer, queue=False, api_visibility="private")
+    panel.apply.click(apply, inputs=[panel.model, *settings, panel.token], outputs=answer, **_QUICK)

@@ -1,7 +1,8 @@
-"""The GPU panel's look: the status card's HTML, number formats and the panel's CSS.
+"""The GPU panel's look: the status card's HTML, the pool's overview, number formats and the CSS.
 
-Pure functions of a manager's ``get_status()`` snapshot (DESIGN.md's schema); nothing here
-touches a manager or Gradio, so the card is tested without a server.
+Pure functions of a manager's ``get_status()`` snapshot (DESIGN.md's schema) or a pool's
+(`GPUPool.get_status`); nothing here touches a manager or Gradio, so the HTML is tested
+without a server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "format_gb",
     "format_seconds",
     "format_size",
+    "render_pool",
     "render_status",
 ]
 
@@ -77,7 +79,7 @@ def format_countdown(seconds: float | None) -> str:
 def _badge(status: dict[str, Any]) -> tuple[str, str]:
     """The location badge: (css class, label)."""
     device = str(status.get("device") or "")
-    on_cuda = device.startswith("cuda")
+    on_cuda = device.startswith(("cuda", "emulated"))  # an emulated card stands in for a GPU
     transition = status.get("transition")
     if transition:
         labels = {
@@ -139,9 +141,8 @@ def _timer_section(status: dict[str, Any]) -> str:
     lines = []
     if status.get("in_use"):
         jobs = status["in_use"]
-        lines.append(
-            f"<div>Running {jobs} job{'s' if jobs != 1 else ''}: timers wait for {'them' if jobs != 1 else 'it'}.</div>"
-        )
+        plural, them = ("s", "them") if jobs != 1 else ("", "it")
+        lines.append(f"<div>Running {jobs} job{plural}: timers wait for {them}.</div>")
     elif status.get("transition"):
         lines.append("<div>Moving: timers start when the move ends.</div>")
     elif location == "gpu":
@@ -184,8 +185,9 @@ def _last_transition(status: dict[str, Any]) -> str:
         "preheat": "preheat",
     }
     copied = last.get("bytes_copied") or 0
+    reason = reasons.get(last.get("reason"), str(last.get("reason")))
     parts = [
-        f"<b>{html.escape(str(last.get('kind', '')))}</b> ({html.escape(reasons.get(last.get('reason'), str(last.get('reason'))))})",
+        f"<b>{html.escape(str(last.get('kind', '')))}</b> ({html.escape(reason)})",
         f"in <b>{format_seconds(last.get('seconds'))}</b>",
     ]
     if copied:
@@ -200,11 +202,12 @@ def _last_transition(status: dict[str, Any]) -> str:
     )
 
 
-def render_status(status: dict[str, Any]) -> str:
+def render_status(status: dict[str, Any], *, memory: bool = True) -> str:
     """Render a manager's status (DESIGN.md's schema) as the panel's HTML card.
 
     Args:
         status: what ``GPUResourceManager.get_status()`` returned.
+        memory: show the device's memory (a pool's panel shows each device's budget instead).
 
     Returns:
         HTML; the outer element carries ``data-location`` and ``data-transition`` attributes.
@@ -241,30 +244,124 @@ def render_status(status: dict[str, Any]) -> str:
         "".join(chips),
         "</div>",
         f'<div class="gpc-sub">{model_name} · {device_line}</div>',
-        _memory_section(status),
+        _memory_section(status) if memory else "",
         f'<div class="gpc-section"><div class="gpc-label">Model</div>{sizes}</div>',
         _timer_section(status),
         f'<div class="gpc-counts">{count_cells}</div>',
         _last_transition(status),
     ]
     if status.get("last_error"):
-        parts.append(
-            f'<div class="gpc-alert gpc-error"><b>Last error</b> {html.escape(str(status["last_error"]))}</div>'
-        )
+        error = html.escape(str(status["last_error"]))
+        parts.append(f'<div class="gpc-alert gpc-error"><b>Last error</b> {error}</div>')
     if status.get("leak"):
         leaked = status.get("leaked_gb")
         amount = f" ({format_gb(leaked)})" if leaked else ""
         parts.append(
-            f'<div class="gpc-alert gpc-warn"><b>Memory not freed{amount}</b> {html.escape(str(status["leak"]))}. '
-            "Drop other references to the model, then Release.</div>"
+            f'<div class="gpc-alert gpc-warn"><b>Memory not freed{amount}</b> '
+            f'{html.escape(str(status["leak"]))}. Drop other references to the model, then Release.</div>'
         )
     parts.append("</div>")
     return "".join(parts)
 
 
+_WHERE = {"gpu": ("gpu", "GPU"), "cpu": ("cpu", "host RAM"), "unloaded": ("unloaded", "not loaded")}
+
+
+def _next_move(status: dict[str, Any]) -> str:
+    """A model's next automatic move: ``offload in 47 s``, ``release in 2 min 00 s`` or ``no timer``."""
+    if status.get("in_use"):
+        return "timers wait for its jobs"
+    location = status.get("model_location")
+    if location == "gpu" and status.get("auto_offload_in") is not None:
+        return f"offload in {format_countdown(status['auto_offload_in'])}"
+    if location == "cpu" and status.get("auto_release_in") is not None:
+        return f"release in {format_countdown(status['auto_release_in'])}"
+    return "no timer running"
+
+
+def _model_row(name: str, status: dict[str, Any], selected: bool) -> str:
+    """One model of a pool: name, where it is, size, device; next move, priority, jobs."""
+    transition = status.get("transition")
+    location = str(status.get("model_location"))
+    kind, where = ("moving", f"{transition}…") if transition else _WHERE.get(location, ("unloaded", location))
+    size = status.get("model_size_gb")
+    jobs = int(status.get("in_use") or 0)
+    in_use = f'<span class="gpc-chip gpc-busy">in use · {jobs}</span>' if jobs else "idle"
+    device = html.escape(str(status.get("device") or "–"))
+    return (
+        f'<div class="gpc-model{" gpc-selected" if selected else ""}" data-model="{html.escape(name)}" '
+        f'data-location="{html.escape(location)}" data-transition="{html.escape(str(transition or ""))}">'
+        f'<div class="gpc-row"><span><b>{html.escape(name)}</b> '
+        f'<span class="gpc-where gpc-{kind}">{html.escape(where)}</span></span>'
+        f"<span>{format_size(size) if size else '–'} · {device}</span></div>"
+        f'<div class="gpc-row gpc-muted"><span>{html.escape(_next_move(status))}</span>'
+        f"<span>priority {int(status.get('priority') or 0)} · {in_use}</span></div>"
+        "</div>"
+    )
+
+
+def _device_bar(device: dict[str, Any]) -> str:
+    name = html.escape(str(device.get("device")))
+    budget = device.get("budget_gb") or 0.0
+    used = device.get("used_gb") or 0.0
+    models = ", ".join(html.escape(str(model)) for model in device.get("models") or []) or "no model"
+    return (
+        f'<div class="gpc-device" data-device="{name}">'
+        f'<div class="gpc-row"><span><b>{name}</b> · {models}</span>'
+        f"<span>used <b>{format_size(used)}</b> of {format_size(budget)}</span></div>"
+        + _bar(used / budget if budget else 0.0)
+        + "</div>"
+    )
+
+
+def _waiting(wait: dict[str, Any]) -> str:
+    """A line of the queue: who waits, for how much room, where, since when."""
+    waited = format_countdown(math.floor(wait.get("waited_s") or 0))
+    return (
+        f'<div class="gpc-waiting">{html.escape(str(wait.get("model")))} waits for '
+        f"{format_size(wait.get('needed_gb'))} on {html.escape(str(wait.get('device') or 'any device'))} "
+        f"(priority {int(wait.get('priority') or 0)}, for {waited})</div>"
+    )
+
+
+def render_pool(status: dict[str, Any], selected: str | None = None) -> str:
+    """Render a pool's status as the panel's overview: a bar per device, a row per model, the queue.
+
+    Args:
+        status: what ``GPUPool.get_status()`` returned.
+        selected: the model the panel's controls act on (its row is marked).
+
+    Returns:
+        HTML; each device's element carries ``data-device``, each model's (``.gpc-model``)
+        ``data-model``, ``data-location`` and ``data-transition``.
+    """
+    host = status.get("host") or {}
+    bars = "".join(_device_bar(device) for device in status.get("devices") or [])
+    host_used, host_budget = format_size(host.get("used_gb") or 0.0), format_size(host.get("budget_gb"))
+    host_line = (
+        '<div class="gpc-row gpc-muted"><span>host RAM (cached models)</span>'
+        f"<span>used {host_used} of {host_budget}</span></div>"
+    )
+    models = status.get("models") or {}
+    rows = "".join(_model_row(str(name), model, name == selected) for name, model in models.items())
+    waits = "".join(_waiting(wait) for wait in status.get("waiting") or [])
+    return (
+        '<div class="gpc-pool">'
+        + _section("Devices", bars + host_line)
+        + _section("Models", rows)
+        + (_section("Waiting for room", waits) if waits else "")
+        + "</div>"
+    )
+
+
+def _section(label: str, body: str) -> str:
+    return f'<div class="gpc-section"><div class="gpc-label">{label}</div>{body}</div>'
+
+
 PANEL_CSS = """
-.gpc-card { gap: 10px; background: var(--block-background-fill); border: 1px solid var(--border-color-primary);
-  border-radius: var(--radius-xl); padding: 14px !important; box-shadow: var(--block-shadow); }
+.gpc-card { gap: 10px; background: var(--block-background-fill);
+  border: 1px solid var(--border-color-primary); border-radius: var(--radius-xl); padding: 14px !important;
+  box-shadow: var(--block-shadow); }
 .gpc-title { font-weight: 600; font-size: 1.05rem; padding: 2px 2px 0; }
 .gpc-panel { display: flex; flex-direction: column; gap: 10px; font-size: 0.92rem; line-height: 1.35; }
 .gpc-head { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; }
@@ -273,7 +370,8 @@ PANEL_CSS = """
 .gpc-dot { width: 9px; height: 9px; border-radius: 50%; background: currentColor; }
 .gpc-gpu { background: rgba(22, 163, 74, 0.14); color: #15803d; border-color: rgba(22, 163, 74, 0.35); }
 .gpc-cpu { background: rgba(37, 99, 235, 0.12); color: #1d4ed8; border-color: rgba(37, 99, 235, 0.35); }
-.gpc-unloaded { background: rgba(100, 116, 139, 0.12); color: #475569; border-color: rgba(100, 116, 139, 0.35); }
+.gpc-unloaded { background: rgba(100, 116, 139, 0.12); color: #475569;
+  border-color: rgba(100, 116, 139, 0.35); }
 .gpc-moving { background: rgba(217, 119, 6, 0.14); color: #b45309; border-color: rgba(217, 119, 6, 0.4); }
 .gpc-moving .gpc-dot { animation: gpc-pulse 1s ease-in-out infinite; }
 @keyframes gpc-pulse { 50% { opacity: 0.25; } }
@@ -295,7 +393,8 @@ PANEL_CSS = """
 .gpc-counts { display: grid; grid-template-columns: repeat(5, 1fr); gap: 6px; }
 .gpc-count { display: flex; flex-direction: column; align-items: center; padding: 6px 2px; border-radius: 8px;
   background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
-.gpc-count b { font-size: 1.05rem; } .gpc-count span { font-size: 0.72rem; color: var(--body-text-color-subdued); }
+.gpc-count b { font-size: 1.05rem; }
+.gpc-count span { font-size: 0.72rem; color: var(--body-text-color-subdued); }
 .gpc-alert { padding: 8px 10px; border-radius: 8px; font-size: 0.85rem; word-break: break-word; }
 .gpc-error { background: rgba(220, 38, 38, 0.1); border: 1px solid rgba(220, 38, 38, 0.35); }
 .gpc-warn { background: rgba(217, 119, 6, 0.1); border: 1px solid rgba(217, 119, 6, 0.35); }
@@ -307,4 +406,12 @@ PANEL_CSS = """
 .gpc-lock-typed { display: none; background: rgba(22, 163, 74, 0.1); border-color: rgba(22, 163, 74, 0.35); }
 .gpc-card:has(#gpu-token input:not(:placeholder-shown)) .gpc-lock-waiting { display: none; }
 .gpc-card:has(#gpu-token input:not(:placeholder-shown)) .gpc-lock-typed { display: block; }
+.gpc-pool { display: flex; flex-direction: column; gap: 10px; font-size: 0.9rem; }
+.gpc-device { display: flex; flex-direction: column; gap: 3px; }
+.gpc-model { display: flex; flex-direction: column; gap: 2px; padding: 6px 8px; border-radius: 8px;
+  border: 1px solid var(--border-color-primary); }
+.gpc-model.gpc-selected { background: var(--background-fill-secondary); border-color: var(--color-accent); }
+.gpc-where { padding: 1px 8px; border-radius: 999px; font-size: 0.75rem; font-weight: 600; margin-left: 4px;
+  border: 1px solid transparent; }
+.gpc-waiting { padding: 4px 8px; border-radius: 8px; font-size: 0.84rem; background: rgba(217, 119, 6, 0.1); }
 """

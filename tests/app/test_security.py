@@ -275,3 +275,223 @@ def test_dns_rebinding_cannot_drive_an_open_app_on_loopback(loopback_app, path, 
     assert httpx.post(f"{url}{path}", headers=local, timeout=10, **body).status_code == 200
     assert manager.idle_timeout == 2592000
     manager.update_timeout(60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 10, a pool of models: the per-model REST controls (/gpu/models/{name}/...) of an app wired like
+# `create_app` around a GPUPool of ``alpha`` (the default) and ``beta`` (see tests/app/test_mcp_models.py,
+# which drives the same app's MCP tools). Same rules as the single-model controls above; a name that is not
+# in the pool, however it is spelled or encoded, reaches no model.
+# ---------------------------------------------------------------------------------------------------------
+
+MODEL_CONTROLS: dict[str, dict[str, Any]] = {
+    f"/gpu/models/{name}/{action}": CONTROLS[f"/gpu/{action}"]
+    for name in ("beta", "nope")
+    for action in ("offload", "release", "preheat", "timeout")
+}
+
+
+@pytest.fixture(scope="module")
+def pool_locked_live() -> Iterator[Any]:
+    from .test_mcp_models import serve_pool_app
+
+    with serve_pool_app(ControlAccess(CONTROL_TOKEN)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def pool_open_live() -> Iterator[Any]:
+    from .test_mcp_models import serve_pool_app
+
+    with serve_pool_app() as live:
+        yield live
+
+
+def _preheated(live: Any) -> Iterator[Any]:
+    """``live`` with both models reset and on the device before the test, reset after it."""
+    from .test_mcp_models import reset
+
+    reset(live.pool)
+    for name in live.pool.names():
+        live.pool[name].preheat()
+    yield live
+    reset(live.pool)
+
+
+@pytest.fixture()
+def pool_locked(pool_locked_live: Any) -> Iterator[Any]:
+    yield from _preheated(pool_locked_live)
+
+
+@pytest.fixture()
+def pool_open(pool_open_live: Any) -> Iterator[Any]:
+    yield from _preheated(pool_open_live)
+
+
+def pool_state(live: Any) -> dict[str, tuple[Any, ...]]:
+    from .test_mcp_models import state as models_state
+
+    return models_state(live.pool)
+
+
+def post_model(url: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}{path}", headers=headers or {}, timeout=30, **{**MODEL_CONTROLS[path], **kwargs})
+
+
+def raw_post(url: str, path: str) -> tuple[int, str, int, Any]:
+    """POST a path exactly as written (no client-side clean-up of ``..`` or escapes).
+
+    Returns:
+        The status, the content type, the body's length and the body's JSON ``detail``.
+    """
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request("POST", path, body=b"")
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, response.getheader("content-type", ""), len(body), json.loads(body)["detail"]
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", list(MODEL_CONTROLS))
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer not-the-token-0000", f"Bearer {CONTROL_TOKEN}0", f"Basic {CONTROL_TOKEN}", CONTROL_TOKEN],
+)
+def test_pool_model_controls_without_the_right_token_are_401_and_change_nothing(
+    pool_locked, path, authorization
+):
+    before = pool_state(pool_locked)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = post_model(pool_locked.url, path, headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"].startswith(LOCKED)
+    assert pool_state(pool_locked) == before
+
+
+@pytest.mark.parametrize("path", [path for path in MODEL_CONTROLS if "/beta/" in path])
+def test_pool_model_controls_ignore_a_token_in_the_query_string_or_a_cookie(pool_locked, path):
+    before = pool_state(pool_locked)
+    response = httpx.post(
+        f"{pool_locked.url}{path}",
+        params={"token": CONTROL_TOKEN},
+        cookies={"token": CONTROL_TOKEN},
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert pool_state(pool_locked) == before
+
+
+@pytest.mark.parametrize("app_name", ["pool_open", "pool_locked"])
+@pytest.mark.parametrize("with_token", [False, True])
+@pytest.mark.parametrize("origin", [EVIL, "null", "http://127.0.0.1.evil.example"])
+@pytest.mark.parametrize("path", list(MODEL_CONTROLS))
+def test_pool_model_controls_from_a_foreign_origin_are_403_and_change_nothing(
+    request, app_name, with_token, origin, path
+):
+    live = request.getfixturevalue(app_name)
+    before = pool_state(live)
+    headers = {"Origin": origin}
+    if with_token:
+        headers["Authorization"] = f"Bearer {CONTROL_TOKEN}"
+    response = post_model(live.url, path, headers)
+    assert (response.status_code, response.json()) == (403, {"detail": FOREIGN})
+    assert pool_state(live) == before
+
+
+@pytest.mark.parametrize("app_name", ["pool_open", "pool_locked"])
+def test_a_cross_site_browser_form_cannot_change_any_model(request, app_name):
+    live = request.getfixturevalue(app_name)
+    before = pool_state(live)
+    browser = {
+        "Origin": EVIL,
+        "Referer": f"{EVIL}/attack.html",
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "navigate",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    for path in MODEL_CONTROLS:
+        response = httpx.post(f"{live.url}{path}", content=b"timeout=0", headers=browser, timeout=30)
+        assert response.status_code == 403, path
+    assert pool_state(live) == before
+
+
+def test_locked_pool_model_controls_with_the_token_do_what_they_say(pool_locked):
+    auth = {"Authorization": f"Bearer {CONTROL_TOKEN}", "Origin": pool_locked.url}
+    offload = post_model(pool_locked.url, "/gpu/models/beta/offload", auth).json()
+    assert (offload["status"]["name"], offload["status"]["model_location"]) == ("beta", "cpu")
+    assert post_model(pool_locked.url, "/gpu/models/beta/timeout", auth).status_code == 200
+    beta = pool_locked.pool["beta"]
+    assert (beta.idle_timeout, beta.release_timeout, beta.offload_after_use) == (0.0, 5.0, False)
+    unknown = post_model(pool_locked.url, "/gpu/models/nope/release", auth)
+    assert unknown.status_code == 404
+    assert pool_locked.pool["alpha"].location.value == "gpu"
+
+
+def test_the_pool_status_stays_open_while_locked_even_from_another_origin(pool_locked):
+    response = httpx.get(f"{pool_locked.url}/gpu/models", headers={"Origin": EVIL}, timeout=30)
+    assert response.status_code == 200
+    assert list(response.json()["models"]) == ["alpha", "beta"]
+
+
+def test_the_token_is_checked_before_a_huge_per_model_timeout_body_is_read(pool_locked):
+    response = httpx.post(
+        f"{pool_locked.url}/gpu/models/beta/timeout",
+        content=b'{"timeout": "' + b"9" * 10_000_000 + b'"}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert pool_locked.pool["beta"].idle_timeout == 60.0
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/gpu/models/../alpha/offload", None),
+        ("/gpu/models/beta/../alpha/release", None),
+        ("/gpu/models/%2e%2e/offload", ".."),
+        ("/gpu/models/%2E%2E%2Falpha/offload", None),
+        ("/gpu/models/beta%2F..%2Falpha/release", None),
+        ("/gpu/models/%252e%252e/release", "%2e%2e"),
+        ("/gpu/models/..%5Calpha/release", "..\\alpha"),
+        ("/gpu/models/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E/offload", "<img src=x onerror=alert(1)>"),
+        ("/gpu/models/a'b%22c/preheat", "a'b\"c"),
+        ("/gpu/models/beta%00/release", "beta\x00"),
+        ("/gpu/models/%20beta/release", " beta"),
+        ("/gpu/models/BETA/release", "BETA"),
+        ("/gpu/models/alpha%3F/release", "alpha?"),
+        ("/gpu/models/%ff/release", "\ufffd"),
+        ("/gpu/models//offload", None),
+        ("/gpu/models/" + "n" * 8000 + "/release", "n" * 8000),
+    ],
+    ids=lambda value: value[:40] if isinstance(value, str) else "no-route",
+)
+def test_odd_and_traversal_like_model_names_reach_no_model(pool_open, path, name):
+    from gpu_control.security import excerpt
+
+    before = pool_state(pool_open)
+    status, content_type, length, detail = raw_post(pool_open.url, path)
+    assert status == 404
+    assert content_type.startswith("application/json")
+    if name is None:
+        assert detail == "Not Found"
+    else:
+        assert detail == f"No model named {excerpt(name)} in the pool; known models: 'alpha', 'beta'."
+    assert length < 300
+    assert pool_state(pool_open) == before
+
+
+def test_the_docs_offer_the_bearer_token_on_every_per_model_control(pool_locked):
+    schema = httpx.get(f"{pool_locked.url}/openapi.json", timeout=30).json()
+    for action in ("offload", "release", "preheat", "timeout"):
+        operation = schema["paths"][f"/gpu/models/{{name}}/{action}"]["post"]
+        assert operation["security"] == [{"controlToken": []}]
+        assert {"401", "403", "404"} <= set(operation["responses"])
