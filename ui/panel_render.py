@@ -305,12 +305,29 @@ def _device_bar(device: dict[str, Any]) -> str:
     budget = device.get("budget_gb") or 0.0
     used = device.get("used_gb") or 0.0
     models = ", ".join(html.escape(str(model)) for model in device.get("models") or []) or "no model"
+    others = "".join(_other(held) for held in device.get("others") or [])
     return (
         f'<div class="gpc-device" data-device="{name}">'
         f'<div class="gpc-row"><span><b>{name}</b> · {models}</span>'
         f"<span>used <b>{format_size(used)}</b> of {format_size(budget)}</span></div>"
         + _bar(used / budget if budget else 0.0)
+        + others
         + "</div>"
+    )
+
+
+def _other(held: dict[str, Any]) -> str:
+    """A line under a device bar: a model another process (sharing the directory) holds there."""
+    in_use = int(held.get("in_use") or 0)
+    idle = held.get("idle_s")
+    doing = f"in use ({in_use})" if in_use else html.escape(str(held.get("state") or ""))
+    if not in_use and idle is not None:
+        doing += f", idle {format_countdown(math.floor(idle))}"
+    return (
+        f'<div class="gpc-row gpc-muted gpc-other" data-pid="{int(held.get("pid") or 0)}">'
+        f"<span>process {int(held.get('pid') or 0)}: {html.escape(str(held.get('model')))}</span>"
+        f"<span>{format_size(held.get('gb') or 0.0)} · {doing} · priority {int(held.get('priority') or 0)}</span>"
+        "</div>"
     )
 
 
