@@ -14,7 +14,7 @@ Every pipeline (``--pipeline``, repeatable; the built-in one by default) is a mo
 Settings come from the environment (``GPU_IDLE_TIMEOUT``, ``GPU_RELEASE_TIMEOUT``,
 ``GPU_OFFLOAD_AFTER_USE``, ``GPU_DEVICE``, ``NVIDIA_VISIBLE_DEVICES``, the pool's
 ``GPU_DEVICES``, ``GPU_BUDGET_GB``, ``GPU_RESERVE_GB``, ``GPU_HOST_BUDGET_GB``, ``GPU_WAIT_TIMEOUT``,
-``GRADIO_SERVER_NAME``, ``GRADIO_SERVER_PORT``, ``GPU_CONTROL_TOKEN``, ``ALLOW_URL_INPUTS``,
+``GPU_SHARE_DIR``, ``GRADIO_SERVER_NAME``, ``GRADIO_SERVER_PORT``, ``GPU_CONTROL_TOKEN``, ``ALLOW_URL_INPUTS``,
 ``SHUTDOWN_GRACE_S``); flags override them. A bad value stops the app with one sentence and
 exit status 2.
 
@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
         "gpu_control.",
         epilog="The models share one GPU pool, set by the environment: GPU_DEVICES (cuda:0,cuda:1, cpu or "
         "emulated:0,emulated:1), GPU_BUDGET_GB (per device: 20 or cuda:0=20,cuda:1=10), GPU_RESERVE_GB (1), "
-        "GPU_HOST_BUDGET_GB and GPU_WAIT_TIMEOUT (300 s). See the README's Configuration.",
+        "GPU_HOST_BUDGET_GB, GPU_WAIT_TIMEOUT (300 s) and GPU_SHARE_DIR (share the budgets with other "
+        "processes and containers). See the README's Configuration.",
     )
     parser.add_argument(
         "--host",
