@@ -65,3 +65,18 @@ def test_names_from_the_share_directory_are_escaped():
     html = render_pool(status)
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "<i>" not in html
+
+
+def test_the_app_joins_the_share_directory_named_by_gpu_share_dir(tmp_path):
+    from app_pool import build_pool, read_pool_settings
+    from gpu_control import Settings
+
+    settings = read_pool_settings({"GPU_DEVICES": "emulated:0", "GPU_SHARE_DIR": str(tmp_path)})
+    pipeline = type("P", (), {"name": "p", "load": staticmethod(lambda: torch.nn.Linear(4, 4))})()
+    pool = build_pool(settings, Settings(), {"p": pipeline})
+    try:
+        assert "others" in pool.get_status()["devices"][0]
+        assert any(name.endswith(".lock") and name != "ledger.lock" for name in os.listdir(tmp_path))
+    finally:
+        pool.close()
+    assert os.listdir(tmp_path) == ["ledger.lock"]
