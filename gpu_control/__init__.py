@@ -10,8 +10,15 @@ idle and release timeouts, and a status snapshot that never waits.
         output = model(inputs)
 
 Several models on one or more devices share budgets through a `GPUPool`.
+
+The integrations are subpackages that need an extra and are imported only when used:
+`gpu_control.rest` and `gpu_control.metrics` (``pip install "gpu-control[rest]"``: FastAPI
+router, offline docs, Prometheus), `gpu_control.gradio` (``pip install "gpu-control[gradio]"``:
+the GPU panel, the MCP/API tools, a safe mount). ``import gpu_control`` itself needs only torch,
+numpy and psutil, and never imports gradio, fastapi, diffusers or transformers.
 """
 
+from ._version import __version__ as __version__
 from .checkpoint import CheckpointLoad, load_safetensors
 from .config import Settings
 from .default import get_gpu_manager, reset_gpu_manager
@@ -28,12 +35,14 @@ from .errors import (
 )
 from .manager import ActionResult, GPUResourceManager, Location, Outcome, Transition
 from .pool import GPUPool
+from .residency import ComponentWeights
 from .security import ControlAccess, read_control_token
 from .weights import ModelWeights, Transfer, attach
 
 __all__ = [
     "ActionResult",
     "CheckpointLoad",
+    "ComponentWeights",
     "ControlAccess",
     "ControlLocked",
     "ForeignOrigin",

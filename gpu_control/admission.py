@@ -23,6 +23,9 @@ class Admission(Protocol):
     def loaded(self, weights: ModelWeights) -> None:
         """A load built the host copy (the host tier may release idle cached models now)."""
 
+    def fits_whole(self, nbytes: int) -> bool:
+        """Whether a model of ``nbytes`` could ever fit whole; if not, it runs with component residency."""
+
     def room(self, weights: ModelWeights, reason: str) -> torch.device:
         """Wait until a device has room for the model; return the device to move it to.
 

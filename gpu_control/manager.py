@@ -29,6 +29,7 @@ from .leaks import LeakReport
 from .memory import MemoryReading, read_memory, resolve_device
 from .model_state import ModelState
 from .monitor import DeadlineWatcher, WatcherGroup, WatcherMember
+from .residency import validate_residency
 from .states import ActionResult, Location, Outcome, Transition, seconds_text
 from .status import build_status, device_status
 from .transitions import Mover
@@ -67,6 +68,8 @@ class GPUResourceManager:
         admission: a pool's hooks: room on a device before each move in (`GPUPool.add`
             passes them; None for a standalone manager).
         watcher_group: share one watcher thread with other managers (a pool's).
+        residency: ``model`` (the whole model on the device during a lease) or ``components``
+            (one top-level component at a time, for models larger than the GPU; residency.py).
 
     Raises:
         InvalidSetting: a timeout, flag or device is not valid.
@@ -88,6 +91,7 @@ class GPUResourceManager:
         auto_monitor: bool = True,
         admission: Admission | None = None,
         watcher_group: WatcherGroup | None = None,
+        residency: str = "model",
     ) -> None:
         settings = Settings(
             idle_timeout=idle_timeout,
@@ -107,6 +111,7 @@ class GPUResourceManager:
             load_func=load_func,
             leaks=LeakReport(name),
             lock=self._cond,
+            residency=validate_residency(residency),
         )
         self._admission = admission
         self._mover = Mover(
@@ -436,10 +441,7 @@ class GPUResourceManager:
         return ActionResult(action, Outcome.DONE, done)
 
     def _settle_quietly(self) -> None:
-        """`_settle`, where a failed move must not hide the caller's own result or error.
-
-        The failure is logged and kept in ``last_error``.
-        """
+        """`_settle`, where a failed move (logged, in ``last_error``) must not hide the caller's result."""
         try:
             self._settle()
         except TransferError:
@@ -465,10 +467,7 @@ class GPUResourceManager:
                 return
 
     def _move_out(self, action: str, reason: str, *, if_used_at: float | None = None) -> str | None:
-        """Offload or release now if the model is idle; returns a sentence, or None if not done.
-
-        ``if_used_at`` (for timeouts) also requires that the model was not used since.
-        """
+        """Offload or release now if idle (timeouts: and unused since ``if_used_at``); a sentence or None."""
         try:
             done = self._mover.move_out(action, reason, if_used_at=if_used_at)
         except BaseException:

@@ -35,6 +35,7 @@ class ModelState:
     load_func: Callable[[], Any] | None
     leaks: LeakReport
     lock: threading.Condition
+    residency: str = "model"  # asked for: "model" or "components" (a pool may choose components)
     location: Location = Location.UNLOADED
     transition: Transition | None = None  # the move under way
     mover_thread: int | None = None  # the thread carrying it out

@@ -127,6 +127,7 @@ class GPUPool:
         *,
         mutable: bool = False,
         engine: Callable[..., ModelWeights] | None = None,
+        residency: str = "model",
     ) -> GPUResourceManager:
         """Add a model; nothing is loaded until its first use.
 
@@ -140,12 +141,14 @@ class GPUPool:
             idle_timeout, release_timeout, offload_after_use: as for `GPUResourceManager`.
             mutable: the model changes its own weights (see `GPUResourceManager`).
             engine: the weight mover (``weights.attach`` by default; tests record moves).
+            residency: ``model`` or ``components`` (see `GPUResourceManager`); a model charged
+                whole but larger than every device's budget runs with ``components`` anyway.
 
         Returns:
             The model's `GPUResourceManager`.
 
         Raises:
-            InvalidSetting: a bad name, a name already used, a bad priority, working memory,
+            InvalidSetting: a bad name, a name already used, a bad priority, residency, working memory,
                 timeout or device.
         """
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -180,6 +183,7 @@ class GPUPool:
             engine=functools.partial(base, emulate_device=True) if target.emulated else base,
             admission=slot,
             watcher_group=self._watchers,
+            residency=residency,
         )
         slot.manager = manager
         entry.view = slot.view

@@ -14,6 +14,7 @@ import torch
 from .manager import GPUResourceManager
 from .memory import MemoryReading, read_memory
 from .pool_ledger import Entry, EntryView
+from .residency import ComponentWeights, charge_bytes
 from .states import Location, Transition
 from .weights import ModelWeights
 
@@ -72,8 +73,14 @@ class Slot:
     def loaded(self, weights: ModelWeights) -> None:
         self.pool._host_tier(self.entry, weights)
 
-    def room(self, weights: ModelWeights, reason: str) -> torch.device:
-        return self.pool._room(self.entry, weights.size_bytes + self.entry.working)
+    def fits_whole(self, nbytes: int) -> bool:
+        """Whether some device's budget holds ``nbytes`` of weights plus the working memory."""
+        with self.pool._cond:
+            return bool(self.pool._books.candidates(self.entry, nbytes + self.entry.working))
+
+    def room(self, weights: ModelWeights | ComponentWeights, reason: str) -> torch.device:
+        # component residency: charged its largest component, not the whole model
+        return self.pool._room(self.entry, charge_bytes(weights) + self.entry.working)
 
     def more_room(self, weights: ModelWeights) -> bool:
         return self.pool._more_room(self.entry)

@@ -14,6 +14,7 @@ import torch
 
 from .memory import MemoryReading, device_name, to_gb
 from .model_state import ModelState
+from .residency import component_locations, residency_of
 from .states import Location
 
 __all__ = ["build_status", "device_status"]
@@ -88,4 +89,7 @@ def build_status(
         **device_fields,
         "model_size_gb": to_gb(None if weights is None else weights.size_bytes),
         "cpu_cache_gb": to_gb(0 if weights is None else weights.host_bytes),
+        "residency": residency_of(weights, state.residency),
+        "components": component_locations(weights, location is Location.GPU),
+        "on_device_gb": to_gb(0 if weights is None else weights.device_bytes),
     }

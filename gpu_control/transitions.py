@@ -25,6 +25,7 @@ from .admission import Admission
 from .errors import GpuControlError, LoadError, OutOfMemory, TransferError
 from .memory import MemoryReading, empty_cache, to_gb
 from .model_state import ModelState
+from .residency import ComponentWeights, attach_as
 from .states import KIND_NAMES, REASONS, Location, Transition, human_bytes
 from .weights import ModelWeights, Transfer
 
@@ -160,11 +161,14 @@ class Mover:
         self.notify(kind, reason, seconds, transfer.bytes_copied, ok=True)
         return model, True
 
-    def _load(self, func: Callable[[], Any]) -> ModelWeights:
+    def _load(self, func: Callable[[], Any]) -> ModelWeights | ComponentWeights:
         model = func()
         if model is None:
             raise LoadError("The load function returned None; it must return the model.")
-        return self._engine(model, self.device, mutable=self._mutable)
+        return attach_as(
+            model, self.device, engine=self._engine, mutable=self._mutable, residency=self._state.residency,
+            fits_whole=None if self.admission is None else self.admission.fits_whole, name=self.name,
+        )
 
     def _place(self, weights: ModelWeights, device: torch.device) -> None:
         """Move in to ``device`` (a pool may bring a cached model back on another card)."""

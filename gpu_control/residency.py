@@ -1,0 +1,607 @@
+"""Component residency: during a lease only the component being run is on the device.
+
+A manager made with ``residency="components"`` (or a pool model too large for any device's
+budget) attaches what its load function returned as a `ComponentWeights`: one engine
+(`ModelWeights`) per *component*, driven through the same interface the manager's mover uses
+for a whole model. The components are the top-level modules of what the load function returned:
+
+- a diffusers pipeline (or any object): the modules in its attributes, dicts and lists
+  (``text_encoder``, ``unet`` or ``transformer``, ``vae``, …), named by their path;
+- a dict or list of modules: its values (``encoder``, ``0``, …);
+- a single ``nn.Module``: its direct children; the tensors it holds itself (a Wan
+  transformer's ``scale_shift_table``), and any child tied to them, form a part, ``(own)``,
+  that stays on the device for the whole lease.
+
+Components that share a tensor (tied embeddings across components) become one component,
+named ``a+b``: a tensor has one master copy, so the two can only move together.
+
+How a component is entered
+--------------------------
+At attach, each component module gets three reversible hooks: a forward pre-hook, a forward
+hook (``always_call``) that counts the calls under way, and an accelerate-style ``_hf_hook``
+whose ``pre_forward(module)`` is what diffusers' ``apply_forward_hook`` calls from
+``encode()``/``decode()``. A user's own ``_hf_hook`` (accelerate's, for instance) is chained:
+ours calls it and answers for it, and it is put back on release. The hook's
+``execution_device`` is the compute device, so a pipeline creates its latents there.
+
+Entering a component restores it (one engine restore: few large copies) and offloads the
+component entered before (a pointer swap), unless that one is still running (a component
+called from inside another's forward): then both stay until it returns. The restore of the
+lease (``to_device``) only arms the hooks and restores ``(own)``; the first component comes in
+when it is first entered. Outside a lease the hooks are inert and the model runs on the host
+master copy, as a whole model does after an offload. ``release()`` removes every hook.
+
+A module called directly while its component is not the current one (``pipe.vae.decoder(x)``
+without going through ``vae``) runs on the host copy: on a real GPU that fails with a device
+mismatch, as it does under diffusers' ``enable_model_cpu_offload()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidSetting, TransferError
+from .model_tensors import _LEAVES, _MAX_DEPTH, _entries, _nbytes, find_modules
+from .security import excerpt
+from .weights import ModelWeights, Transfer
+
+__all__ = [
+    "RESIDENCIES",
+    "ComponentWeights",
+    "attach_as",
+    "charge_bytes",
+    "component_locations",
+    "named_components",
+    "residency_of",
+    "validate_residency",
+]
+
+logger = logging.getLogger(__name__)
+
+RESIDENCIES = ("model", "components")
+"""``model``: the whole model on the device during a lease; ``components``: one component at a time."""
+
+OWN = "(own)"
+"""The part holding a single module's own tensors (those not in a child module)."""
+
+_NAMES: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def validate_residency(value: Any) -> str:
+    """Return ``value`` if it is one of `RESIDENCIES`.
+
+    Raises:
+        InvalidSetting: any other value.
+    """
+    if isinstance(value, str) and value in RESIDENCIES:
+        return value
+    raise InvalidSetting(f"residency must be 'model' or 'components', not {excerpt(value)}.")
+
+
+# ---------------------------------------------------------------------------- finding components
+
+
+class _OwnTensors(nn.Module):
+    """The tensors a module holds itself, seen as a module of their own (the same dicts)."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_parameters", owner._parameters)
+        object.__setattr__(self, "_buffers", owner._buffers)
+
+
+def named_components(obj: Any) -> list[tuple[str, nn.Module]]:
+    """The top-level modules of what a load function returned, with a name each.
+
+    Args:
+        obj: a module (its direct children, and `OWN` when it holds tensors itself), or an
+            object holding modules in attributes, dicts and lists (their paths).
+
+    Returns:
+        ``(name, module)`` pairs in the order first met; together they hold every tensor
+        `find_modules` finds.
+    """
+    if isinstance(obj, nn.Module):
+        found = list(obj.named_children())
+        if any(t is not None for t in [*obj._parameters.values(), *obj._buffers.values()]):
+            found.append((OWN, _OwnTensors(obj)))
+        return found
+    found = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, int, str]] = [(obj, 0, "")]
+    while stack:
+        item, depth, path = stack.pop()
+        if id(item) in seen or depth > _MAX_DEPTH or isinstance(item, _LEAVES):
+            continue
+        seen.add(id(item))
+        if isinstance(item, nn.Module):
+            found.append((path or type(item).__name__, item))
+            continue
+        if isinstance(item, Mapping):
+            children = [(str(key), value) for key, value in item.items()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = [(str(i), value) for i, value in enumerate(item)]
+        else:
+            try:
+                children = list(vars(item).items())
+            except TypeError:  # no instance __dict__
+                continue
+        prefix = f"{path}." if path else ""
+        stack.extend((child, depth + 1, prefix + key) for key, child in reversed(children))
+    return found
+
+
+def _keys(module: nn.Module) -> set[int]:
+    """What identifies the memory of a module's tensors: storage addresses, or the tensor objects."""
+    keys: set[int] = set()
+    for entry in _entries([module]):
+        tensor = entry.tensor
+        keys.add(id(tensor))
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        try:
+            keys.add(tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+    return keys
+
+
+def _grouped(named: list[tuple[str, nn.Module]]) -> list[tuple[str, list[nn.Module]]]:
+    """Join components that share a tensor (tied weights) into one, named ``a+b``; drop empty ones."""
+    groups: list[tuple[list[str], list[nn.Module], set[int]]] = []
+    for name, module in named:
+        keys = _keys(module)
+        if not keys:
+            continue
+        joined = [g for g in groups if g[2] & keys]
+        for group in joined:
+            groups.remove(group)
+        names = [n for g in joined for n in g[0]] + [name]
+        modules = [m for g in joined for m in g[1]] + [module]
+        groups.append((names, modules, keys.union(*(g[2] for g in joined))))
+    order = {name: i for i, (name, _) in enumerate(named)}
+    groups.sort(key=lambda g: min(order[n] for n in g[0]))
+    return [("+".join(sorted(names, key=order.__getitem__)), modules) for names, modules, _ in groups]
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a model's tensors before it is attached (shared memory counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for entry in _entries(find_modules(model)):
+        tensor = entry.tensor
+        if tensor.is_meta:
+            continue
+        try:
+            key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        except (RuntimeError, NotImplementedError, TypeError):
+            key = id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += _nbytes(tensor)
+    return total
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+class _Enter:
+    """Enters one component of a `ComponentWeights` (held weakly: hooks must not keep it alive)."""
+
+    def __init__(self, weights: ComponentWeights, name: str) -> None:
+        self._weights = weakref.ref(weights)
+        self.name = name
+
+    def __call__(self) -> None:
+        weights = self._weights()
+        if weights is not None:
+            weights.enter(self.name)
+
+    def depth(self, step: int) -> None:
+        weights = self._weights()
+        if weights is not None:
+            weights._running(self.name, step)
+
+    @property
+    def device(self) -> torch.device | None:
+        weights = self._weights()
+        return None if weights is None else weights.device
+
+
+class _HfHook:
+    """An accelerate-style ``_hf_hook``: enters the component, then defers to the user's hook.
+
+    diffusers' ``apply_forward_hook`` calls ``pre_forward(module)`` from ``encode()`` and
+    ``decode()``; accelerate's wrapped ``forward`` calls ``pre_forward`` and ``post_forward``
+    and reads attributes such as ``no_grad``, which come from the user's hook.
+    """
+
+    def __init__(self, enter: _Enter, inner: Any) -> None:
+        self.enter = enter
+        self.inner = inner
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.enter()
+        if self.inner is not None and hasattr(self.inner, "pre_forward"):
+            return self.inner.pre_forward(module, *args, **kwargs)
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.inner is not None and hasattr(self.inner, "post_forward"):
+            return self.inner.post_forward(module, output)
+        return output
+
+    @property
+    def execution_device(self) -> torch.device | None:
+        device = getattr(self.inner, "execution_device", None)
+        return device if device is not None else self.enter.device
+
+    def __getattr__(self, attr: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(attr)
+        return getattr(inner, attr)
+
+
+_MISSING = object()
+
+
+class _Hooks:
+    """The hooks on one component's modules, and what to put back when they are removed."""
+
+    def __init__(self, enter: _Enter, modules: list[nn.Module]) -> None:
+        self.handles: list[Any] = []
+        self.installed: list[tuple[nn.Module, _HfHook, Any]] = []
+        for module in modules:
+            if isinstance(module, _OwnTensors):
+                continue
+            self.handles.append(module.register_forward_pre_hook(lambda _m, _a: _pre(enter)))
+            self.handles.append(
+                module.register_forward_hook(lambda _m, _a, _o: enter.depth(-1), always_call=True)
+            )
+            previous = module.__dict__.get("_hf_hook", _MISSING)
+            hook = _HfHook(enter, None if previous is _MISSING else previous)
+            object.__setattr__(module, "_hf_hook", hook)
+            self.installed.append((module, hook, previous))
+
+    def remove(self) -> None:
+        """Remove the hooks; a user's ``_hf_hook`` is put back (unless the user replaced ours)."""
+        for handle in self.handles:
+            handle.remove()
+        for module, hook, previous in self.installed:
+            if module.__dict__.get("_hf_hook") is not hook:
+                continue
+            if previous is _MISSING:
+                del module.__dict__["_hf_hook"]
+            else:
+                object.__setattr__(module, "_hf_hook", previous)
+        self.handles = []
+        self.installed = []
+
+
+def _pre(enter: _Enter) -> None:
+    """The forward pre-hook: count the call as running (first: the forward hook always uncounts it), enter."""
+    enter.depth(1)
+    enter()
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+class ComponentWeights:
+    """A model attached one component at a time; the manager drives it like `ModelWeights`.
+
+    Args:
+        model: what the load function returned.
+        device: the compute device.
+        engine: builds one component's `ModelWeights` (``weights.attach`` or the manager's).
+        mutable: passed to the engine.
+
+    Attributes:
+        model: the object the load function returned.
+        parts: one engine per component, by name.
+        swaps: component restores during leases; ``swap_bytes``: bytes they copied.
+    """
+
+    residency = "components"
+
+    def __init__(
+        self, model: Any, device: torch.device, *, engine: Callable[..., ModelWeights], mutable: bool = False
+    ) -> None:
+        self.model = model
+        self._device = torch.device(device)
+        self._lock = threading.RLock()
+        self._active = False
+        self._released = False
+        self._on: frozenset[str] = frozenset()  # replaced, never changed in place: status reads it unlocked
+        self._calls: collections.Counter[str] = collections.Counter()
+        self.swaps = 0
+        self.swap_bytes = 0
+        self.parts: dict[str, ModelWeights] = {}
+        self._hooks: list[_Hooks] = []
+        try:
+            for name, modules in _grouped(named_components(model)):
+                if any(isinstance(module, _OwnTensors) for module in modules):
+                    name = OWN  # a child tied to the module's own tensors stays with them
+                target = modules[0] if len(modules) == 1 else modules
+                self.parts[name] = engine(target, device, mutable=mutable)
+                if name != OWN:
+                    self._hooks.append(_Hooks(_Enter(self, name), modules))
+        except BaseException:
+            self.release()
+            raise
+        logger.info(
+            "Component residency: %d component(s), largest %.2f GiB of %.2f GiB: %s",
+            len(self.parts),
+            self.charge_bytes / 2**30,
+            self.size_bytes / 2**30,
+            ", ".join(f"{name} {part.size_bytes / 2**20:.1f} MB" for name, part in self.parts.items()),
+        )
+
+    # ------------------------------------------------------------------ what the mover reads
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device (a pool may move the model to another card between leases)."""
+        return self._device
+
+    @device.setter
+    def device(self, device: torch.device) -> None:
+        self._device = device
+        for part in self.parts.values():
+            part.device = device
+
+    @property
+    def mutable(self) -> bool:
+        """Copy every tensor back at each offload (see `ModelWeights`)."""
+        return any(part.mutable for part in self.parts.values())
+
+    @mutable.setter
+    def mutable(self, value: bool) -> None:
+        for part in self.parts.values():
+            part.mutable = value
+
+    @property
+    def mode(self) -> str:
+        """The engine's mode (``device``, ``emulated`` or ``zero_copy``)."""
+        return next(iter(self.parts.values())).mode if self.parts else "zero_copy"
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the whole model's weights."""
+        return sum(part.size_bytes for part in self.parts.values())
+
+    @property
+    def charge_bytes(self) -> int:
+        """The most this model holds on the device: its largest component, plus `OWN`."""
+        own = self.parts[OWN].size_bytes if OWN in self.parts else 0
+        sizes = [part.size_bytes for name, part in self.parts.items() if name != OWN]
+        return own + max(sizes, default=0)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the master copies in host memory."""
+        return sum(part.host_bytes for part in self.parts.values())
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of this model on the device now."""
+        return sum(part.device_bytes for part in self.parts.values())
+
+    def components(self) -> dict[str, str]:
+        """Where each component is: ``gpu`` (on the device) or ``cpu`` (its master copy); never waits."""
+        on = self._on
+        return {name: "gpu" if name in on else "cpu" for name in self.parts}
+
+    def where(self, tensor: torch.Tensor) -> str | None:
+        """Which engine buffer ``tensor`` lies in (``device``, ``host``) or None."""
+        for part in self.parts.values():
+            side = part.where(tensor)
+            if side is not None:
+                return side
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-ready summary: the sizes, each component's engine stats, the swaps."""
+        return {
+            "residency": self.residency,
+            "mode": self.mode,
+            "size_bytes": self.size_bytes,
+            "host_bytes": self.host_bytes,
+            "device_bytes": self.device_bytes,
+            "charge_bytes": self.charge_bytes,
+            "swaps": self.swaps,
+            "swap_bytes": self.swap_bytes,
+            "components": {name: part.stats() for name, part in self.parts.items()},
+        }
+
+    def leaked_bytes(self, *, collect: bool = True) -> int:
+        """Device bytes still referenced outside the engine (see `ModelWeights.leaked_bytes`)."""
+        return sum(part.leaked_bytes(collect=collect) for part in self.parts.values())
+
+    def leaked_host_bytes(self) -> int:
+        """After ``release()``: master-copy bytes still alive because something holds them."""
+        return sum(part.leaked_host_bytes() for part in self.parts.values())
+
+    # ------------------------------------------------------------------ moves
+
+    def to_device(self) -> Transfer:
+        """Start a lease: arm the hooks and restore `OWN`; each component comes in when entered.
+
+        Raises:
+            TransferError: the weights were released.
+        """
+        start = time.perf_counter()
+        with self._lock:
+            self._check_alive("restore")
+            copied = copies = 0
+            if OWN in self.parts:
+                moved = self.parts[OWN].to_device()
+                copied, copies = moved.bytes_copied, moved.copies
+                self._on = self._on | {OWN}
+            self._active = True
+        return Transfer(copied, time.perf_counter() - start, copies)
+
+    def to_host(self) -> Transfer:
+        """End a lease: disarm the hooks and offload every component on the device.
+
+        Raises:
+            TransferError: the weights were released.
+        """
+        start = time.perf_counter()
+        with self._lock:
+            self._check_alive("offload")
+            self._active = False
+            copied = copies = 0
+            for name in sorted(self._on):
+                moved = self.parts[name].to_host()
+                copied += moved.bytes_copied
+                copies += moved.copies
+                self._on = self._on - {name}
+        return Transfer(copied, time.perf_counter() - start, copies)
+
+    def release(self) -> Transfer:
+        """Remove every hook, then drop every copy of every component."""
+        start = time.perf_counter()
+        with self._lock:
+            self._active = False
+            for hooks in self._hooks:
+                hooks.remove()
+            self._hooks = []
+            for part in self.parts.values():
+                part.release()
+            self._on = frozenset()
+            self.model = None
+            self._released = True
+        return Transfer(0, time.perf_counter() - start)
+
+    def enter(self, name: str) -> None:
+        """Make ``name`` the component on the device: restore it, offload the one before.
+
+        A component still running (``name`` was called from inside its forward) stays. Does
+        nothing outside a lease.
+        """
+        with self._lock:
+            if not self._active:
+                return
+            left = [n for n in self._on if n not in (name, OWN) and self._calls[n] == 0]
+            if name in self._on and not left:
+                return
+            start = time.perf_counter()
+            for other in left:
+                self.parts[other].to_host()
+                self._on = self._on - {other}
+            copied = 0
+            if name not in self._on:
+                copied = self.parts[name].to_device().bytes_copied
+                self._on = self._on | {name}
+                self.swaps += 1
+                self.swap_bytes += copied
+        logger.debug(
+            "Component %r on %s (%.1f MB in %.3f s); offloaded %s",
+            name,
+            self._device,
+            copied / 2**20,
+            time.perf_counter() - start,
+            ", ".join(repr(n) for n in left) or "nothing",
+        )
+
+    def _running(self, name: str, step: int) -> None:
+        """Count a forward call of ``name`` starting (+1) or ending (-1)."""
+        with self._lock:
+            self._calls[name] = max(0, self._calls[name] + step)
+
+    def _check_alive(self, action: str) -> None:
+        if self._released:
+            raise TransferError(f"Cannot {action}: the weights were released; load the model again.")
+
+    def __repr__(self) -> str:
+        return (
+            f"ComponentWeights(mode={self.mode!r}, device={str(self._device)!r}, "
+            f"components={self.components()!r}, size_bytes={self.size_bytes})"
+        )
+
+
+# ---------------------------------------------------------------------------- for the mover, status, pool
+
+
+def attach_as(
+    model: Any,
+    device: torch.device,
+    *,
+    engine: Callable[..., ModelWeights],
+    mutable: bool,
+    residency: str,
+    fits_whole: Callable[[int], bool] | None = None,
+    name: str = "model",
+) -> ModelWeights | ComponentWeights:
+    """Attach a loaded model with the residency asked for, or with components when it must.
+
+    Args:
+        model: what the load function returned.
+        device: the compute device.
+        engine: builds a `ModelWeights` (for the model, or for each component).
+        mutable: passed to the engine.
+        residency: ``model`` or ``components``.
+        fits_whole: a pool's answer to "may a model of this many bytes ever fit whole?";
+            when it says no, the model runs with component residency (logged).
+        name: the model's label in the log line.
+
+    Returns:
+        The weights the manager drives.
+    """
+    if residency == "model" and fits_whole is not None:
+        nbytes = model_bytes(model)
+        if not fits_whole(nbytes):
+            logger.info(
+                "%r (%.2f GiB) is larger than every device budget: it runs with component residency "
+                "(one component on the device at a time)",
+                name,
+                nbytes / 2**30,
+            )
+            residency = "components"
+    if residency == "components":
+        return ComponentWeights(model, device, engine=engine, mutable=mutable)
+    weights = engine(model, device, mutable=mutable)
+    _NAMES[weights] = tuple(name for name, _ in named_components(model))
+    return weights
+
+
+def charge_bytes(weights: ModelWeights | ComponentWeights) -> int:
+    """The most a model's weights hold on the device at once (a pool charges this)."""
+    if isinstance(weights, ComponentWeights):
+        return weights.charge_bytes
+    return weights.size_bytes
+
+
+def residency_of(weights: ModelWeights | ComponentWeights | None, asked: str) -> str:
+    """Status's ``residency``: how the loaded model runs, or the one asked for before a load."""
+    if weights is None:
+        return asked
+    return "components" if isinstance(weights, ComponentWeights) else "model"
+
+
+def component_locations(weights: ModelWeights | ComponentWeights | None, on_device: bool) -> dict[str, str]:
+    """Status's ``components``: each top-level module's place, ``gpu`` or ``cpu``.
+
+    Args:
+        weights: the model's engine, or None when it is not loaded ({}).
+        on_device: a whole model's place (its location is ``gpu``).
+    """
+    if weights is None:
+        return {}
+    if isinstance(weights, ComponentWeights):
+        return weights.components()
+    names = _NAMES.get(weights)
+    if names is None:
+        names = _NAMES[weights] = tuple(name for name, _ in named_components(weights.model))
+    return {name: "gpu" if on_device else "cpu" for name in names}
