@@ -26,6 +26,10 @@ class Admission(Protocol):
     def fits_whole(self, nbytes: int) -> bool:
         """Whether a model of ``nbytes`` could ever fit whole; if not, it runs with component residency."""
 
+    def yielding(self) -> bool:
+        """New uses of the resident model must wait: a request ranked before them is evicting it,
+        or waits for its jobs to end. Reads flags only: called under the manager's lock."""
+
     def room(self, weights: ModelWeights, reason: str) -> torch.device:
         """Wait until a device has room for the model; return the device to move it to.
 

@@ -395,6 +395,7 @@ class GPUResourceManager:
         state = self._state
         with self._cond:
             state.leases -= 1
+            state.end_lease_of_thread()
             state.last_used = self._clock()
             if state.leases > 0:
                 return

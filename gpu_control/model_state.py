@@ -42,6 +42,7 @@ class ModelState:
     model: Any = None
     weights: ModelWeights | None = None
     leases: int = 0
+    lease_threads: dict[int, int] = field(default_factory=dict)  # leases held, by thread
     pending: set[str] = field(default_factory=set)  # deferred: offload, release, offload:after_use
     keep_on_device: bool = False  # preheat during a lease: no offload after use when the last one ends
     last_used: float | None = None
@@ -68,9 +69,20 @@ class ModelState:
         """Count a use (and a lease) of the resident model and return it."""
         if lease:
             self.leases += 1
+            me = threading.get_ident()
+            self.lease_threads[me] = self.lease_threads.get(me, 0) + 1
         self.counts["uses"] += 1
         self.last_used = now
         return self.model
+
+    def end_lease_of_thread(self) -> None:
+        """Forget one lease of the calling thread (the lease count itself is the caller's)."""
+        me = threading.get_ident()
+        left = self.lease_threads.get(me, 0) - 1
+        if left > 0:
+            self.lease_threads[me] = left
+        else:
+            self.lease_threads.pop(me, None)
 
     def cancel_moves(self) -> str | None:
         """Drop deferred offloads and releases, and the running jobs' offload after use.

@@ -62,6 +62,7 @@ class Entry:
     device: PoolDevice | None = None  # where it is charged now, or was placed last
     charge: int = 0  # bytes counted against ``device`` now
     claimed: bool = False  # a grant will evict it
+    draining: bool = False  # in use; a waiter ranked before new uses needs its room: no new leases
     removed: bool = False
 
 
@@ -100,12 +101,22 @@ class Books:
         self.remote: RemoteView | None = None  # other processes, when the pool shares a directory
         self.driver: Callable[[PoolDevice], int | None] | None = None  # the driver's free bytes
         self._seq = 0
+        self._used: dict[int, int] = {}  # bytes charged per device (by id)
 
     # ------------------------------------------------------------------ figures
 
     def used(self, device: PoolDevice) -> int:
-        """Bytes charged on ``device`` by this process."""
-        return sum(entry.charge for entry in self.entries if entry.device is device)
+        """Bytes charged on ``device`` by this process (kept as a running sum: read per status)."""
+        return self._used.get(id(device), 0)
+
+    def set_charge(self, entry: Entry, device: PoolDevice | None, nbytes: int) -> None:
+        """Charge ``entry`` ``nbytes`` on ``device`` (0: its charge ends; it stays placed there)."""
+        if entry.device is not None and entry.charge:
+            self._used[id(entry.device)] -= entry.charge
+        entry.device = device if device is not None else entry.device
+        entry.charge = nbytes
+        if entry.device is not None and nbytes:
+            self._used[id(entry.device)] = self._used.get(id(entry.device), 0) + nbytes
 
     def others(self, device: PoolDevice) -> int:
         """Bytes other processes hold on ``device`` (0 without a share directory)."""
@@ -160,8 +171,7 @@ class Books:
     def admit(self, waiter: Waiter, device: PoolDevice) -> None:
         """Charge the waiter's model on ``device`` and take it out of the queue."""
         self.dequeue(waiter)
-        waiter.entry.device = device
-        waiter.entry.charge = waiter.need
+        self.set_charge(waiter.entry, device, waiter.need)
         waiter.admitted = device
 
     def schedule(self) -> list[Waiter]:
@@ -172,6 +182,10 @@ class Books:
         """
         served: list[Waiter] = []
         blocked: set[str] = set()
+        for entry in self.entries:
+            entry.draining = False
+        if not self.waiters:
+            return served
         views = self._views()
         remote = sorted(
             ((-int(w.get("priority", 0)), float(w.get("arrived", 0.0))), set(w.get("devices") or []))
@@ -193,7 +207,42 @@ class Books:
             else:
                 self.admit(waiter, grant.device)
             served.append(waiter)
+        self._drain(views)
         return served
+
+    def _drain(self, views: dict[int, EntryView]) -> None:
+        """Stop new uses of busy models that the first waiter of a device needs gone.
+
+        A model in use is never evicted, but a stream of overlapping jobs would keep it busy
+        forever; new uses of it queue behind the waiter instead (nested uses excepted), so
+        that its jobs end and the waiter is served in its turn.
+        """
+        handled: set[str] = set()
+        for waiter in sorted((w for w in self.waiters if w.grant is None), key=Waiter.rank):
+            for device in self.candidates(waiter.entry, waiter.need):
+                if device.name in handled:
+                    continue
+                handled.add(device.name)
+                busy = sorted(
+                    (
+                        e
+                        for e in self.holders(device)
+                        if not e.claimed and e.priority <= waiter.entry.priority and views[id(e)].in_use
+                    ),
+                    key=lambda e: (e.priority, _age(views[id(e)].last_used)),
+                )
+                free = self.free(device) + sum(
+                    e.charge for e in self.evictable(device, waiter.entry.priority, views)
+                )
+                chosen = []
+                for entry in busy:
+                    if free >= waiter.need:
+                        break
+                    chosen.append(entry)
+                    free += entry.charge
+                if free >= waiter.need:
+                    for entry in chosen:
+                        entry.draining = True
 
     def plan(
         self, waiter: Waiter, devices: Iterable[PoolDevice], views: dict[int, EntryView]

@@ -70,6 +70,9 @@ class Slot:
             return self.pool._reading(self.entry)
         return read_memory(device)
 
+    def yielding(self) -> bool:
+        return self.entry.claimed or self.entry.draining
+
     def loaded(self, weights: ModelWeights) -> None:
         self.pool._host_tier(self.entry, weights)
 

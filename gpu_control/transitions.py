@@ -34,6 +34,9 @@ __all__ = ["RETRY_AFTER_FAILURE_MIN", "Mover"]
 # The lifecycle's log lines keep the logger name they have always had.
 logger = logging.getLogger("gpu_control.manager")
 
+YIELD_POLL_S = 0.05
+"""How often a use held back by a pool (its model is being evicted) looks again."""
+
 RETRY_AFTER_FAILURE_MIN = 30.0
 """After a failed offload or release the timeouts wait one more timeout, and at least this long."""
 
@@ -114,6 +117,9 @@ class Mover:
                 if state.location is Location.UNLOADED and waited_for == state.failed_attempt:
                     raise LoadError(f"Loading the model failed: {state.last_error}")
                 if state.location is Location.GPU:
+                    if self._must_yield():
+                        state.lock.wait(YIELD_POLL_S)  # a waiting request evicts it: queue behind it
+                        continue
                     return state.take(lease, self._clock()), False
                 break
             kind = Transition.RESTORING if state.location is Location.CPU else Transition.LOADING
@@ -160,6 +166,14 @@ class Mover:
         self._log(verb, reason, seconds, transfer.bytes_copied)
         self.notify(kind, reason, seconds, transfer.bytes_copied, ok=True)
         return model, True
+
+    def _must_yield(self) -> bool:
+        """In a pool, whether a new use of the resident model must wait: a request ranked before it
+        is evicting it, or waits for its jobs to end. A thread that already holds a lease on it
+        never waits (nested uses). Called under the state's lock; reads the pool's flags only."""
+        if self.admission is None or threading.get_ident() in self._state.lease_threads:
+            return False
+        return self.admission.yielding()
 
     def _load(self, func: Callable[[], Any]) -> ModelWeights | ComponentWeights:
         model = func()

@@ -15,6 +15,7 @@ from gpu_control import GPUResourceManager, OutOfMemory, WaitTimeout
 from gpu_control.errors import GpuControlError
 
 from .pool_helpers import FlakyEngine, Holder, gib, keep, pool_of, sized, using, wait_until_waiting
+from .sync import Worker
 
 MIB = 2**20
 
@@ -405,3 +406,38 @@ def test_the_driver_has_the_last_word_memory_held_outside_the_pool_makes_a_reque
         with pytest.raises(WaitTimeout, match="the driver reports only 0.0 MiB free on emulated:0"):
             with pool.add("three", sized(1)).use():
                 pass
+
+
+def test_a_busy_model_takes_no_new_job_while_a_request_waits_for_its_room():
+    with pool_of(budget_gb=gib(1)) as pool:
+        a, b = keep(pool, "a", 1), pool.add("b", sized(1))
+        order: list[str] = []
+        b.add_transition_listener(lambda event: event["kind"] == "load" and order.append("b loaded"))
+        first, second = Holder(a), Holder(a)  # overlapping jobs: 'a' is never idle on its own
+        assert first.holding.wait(5) and second.holding.wait(5)
+        waiter = using(b)
+        wait_until_waiting(pool, ["b"])
+        first.end()
+
+        def late_job() -> None:
+            with a.use():
+                order.append("late job on a")
+
+        late = Worker(late_job)
+        late.start()
+        assert a.get_status()["in_use"] == 1  # the late job waits behind 'b' though 'a' is resident
+        second.end()
+        assert waiter.finish() == "b"
+        late.finish()
+        assert order == ["b loaded", "late job on a"]
+
+
+def test_a_nested_use_of_a_draining_model_does_not_wait():
+    with pool_of(budget_gb=gib(1), wait_timeout=5) as pool:
+        a, b = keep(pool, "a", 1), pool.add("b", sized(1))
+        with a.use():
+            waiter = using(b)
+            wait_until_waiting(pool, ["b"])
+            with a.use():  # the same thread holds a lease: no deadlock on its own model
+                assert a.get_status()["in_use"] == 2
+        assert waiter.finish() == "b"
