@@ -4,10 +4,11 @@
 taken under the host-wide lock with the other processes' holdings and waiters read fresh
 (`schedule`), and what it admitted or promised is published before the lock is let go, so no
 two processes can take the same room. A thread (``gpu-pool-share``) checks every
-`SHARE_POLL_S`: it carries out the eviction requests peers sent (offload an idle model whose
-priority is not above the requester's), re-plans this process's waiters (room freed by a peer,
-a dead peer's share), and asks peers to offload idle models for the first waiter that cannot
-get room otherwise.
+`SHARE_POLL_S`: it carries out the eviction requests peers sent (offload a model whose priority
+is not above the requester's as soon as it is idle; until then it takes no new job, so that the
+requester, which asked first, is served first), re-plans this process's waiters (room freed by a
+peer, a dead peer's share), and asks peers to offload models for the first waiter that cannot
+get room otherwise (idle ones first; a request is renewed every `ASK_AGAIN_S` while it waits).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from .share import ShareLedger
 if TYPE_CHECKING:
     from .pool import GPUPool
 
-__all__ = ["ASK_AGAIN_S", "REWRITE_S", "SHARE_POLL_S", "PoolShare"]
+__all__ = ["ASK_AGAIN_S", "KEEP_ASK_S", "REWRITE_S", "SHARE_POLL_S", "PoolShare"]
 
 logger = logging.getLogger(__name__)
 
-SHARE_POLL_S = 0.1
+SHARE_POLL_S = 0.05
 """How often eviction requests are read and waiters re-plan against the other processes."""
 
 ASK_AGAIN_S = 1.0
 """A peer that has not offloaded a model it was asked to is asked again after this long."""
+
+KEEP_ASK_S = 2 * ASK_AGAIN_S
+"""A peer's request for a model in use is kept this long (the peer renews it while it waits)."""
 
 REWRITE_S = 1.0
 """The state file is rewritten at least this often, unchanged or not: a damaged one is mended."""
@@ -44,7 +48,8 @@ class PoolShare:
     def __init__(self, pool: GPUPool, share_dir: str | os.PathLike[str]) -> None:
         self.pool = pool
         self.ledger = ShareLedger(share_dir)
-        self._asked: dict[tuple[str, str], float] = {}
+        self._asked: dict[tuple[str, str], float] = {}  # (peer, model) -> when we last asked
+        self._asks: dict[str, tuple[int, float]] = {}  # our model -> (a peer's priority, keep until)
         self._published: Any = None
         self._written_at = 0.0
         self._stop = threading.Event()
@@ -59,6 +64,7 @@ class PoolShare:
         with self.ledger.locked():
             books.remote = self.ledger.remote()
             served = books.schedule()
+            self.drain_asked(books)
             self.publish(books)
         self._ask_peers(books)
         return served
@@ -131,10 +137,14 @@ class PoolShare:
                         (peer, held)
                         for peer, held in remote.holders(device.name)
                         if held.get("state") == "gpu"
-                        and not held.get("in_use")
                         and int(held.get("priority", 0)) <= waiter.entry.priority
                     ),
-                    key=lambda ph: (int(ph[1].get("priority", 0)), float(ph[1].get("idle_since") or 0.0)),
+                    # idle ones first; a busy one is asked too: no new job, it leaves when its jobs end
+                    key=lambda ph: (
+                        bool(ph[1].get("in_use")),
+                        int(ph[1].get("priority", 0)),
+                        float(ph[1].get("idle_since") or 0.0),
+                    ),
                 )
                 for peer, held in candidates:
                     if short <= 0:
@@ -156,32 +166,53 @@ class PoolShare:
     def _run(self) -> None:
         while not self._stop.wait(SHARE_POLL_S):
             try:
+                now = time.monotonic()
                 for request in self.ledger.take_requests():
-                    self._answer(request)
+                    self._remember(request, now)
+                for model, (priority, until) in list(self._asks.items()):
+                    if until < now or self._answer(model, priority):
+                        del self._asks[model]
                 with self.pool._cond:
                     self.pool._reschedule()
             except Exception:  # keep serving the peers; the next round retries
                 logger.exception("The GPU pool's share check failed")
 
-    def _answer(self, request: dict[str, Any]) -> None:
-        """A peer asks for an idle model's room: offload it if its priority is not above the peer's."""
+    def _remember(self, request: dict[str, Any], now: float) -> None:
+        """Keep a peer's request until it is carried out or goes stale (the peer renews it while it waits)."""
+        try:
+            model, priority = str(request["model"]), int(request.get("priority", 0))
+        except (KeyError, TypeError, ValueError):
+            return
+        known = self._asks.get(model)
+        self._asks[model] = (max(priority, known[0]) if known else priority, now + KEEP_ASK_S)
+
+    def _answer(self, model: str, priority: int) -> bool:
+        """A peer wants ``model``'s room: offload it once it is idle, if its priority is not above
+        the peer's. True when the request is settled (done, or nothing to do), False to keep it."""
         pool = self.pool
         with pool._cond:
-            entry = pool._names.get(request["model"])
-            if entry is None or entry.claimed:
-                return
-            try:
-                priority = int(request.get("priority", 0))
-            except (TypeError, ValueError):
-                return
-            if entry.priority > priority or not entry.view().idle_on_device:
-                return
+            entry = pool._names.get(model)
+            if entry is None or entry.priority > priority:
+                return True
+            view = entry.view()
+            if not view.idle_on_device:
+                return view.state != "gpu"  # in use: keep the request (new uses wait behind it)
+            if entry.claimed:
+                return False
             entry.claimed = True
         try:
             pool._evict([entry], "evicted")
         finally:
             with pool._cond:
                 entry.claimed = False
+        return True
+
+    def drain_asked(self, books: Books) -> None:
+        """Under the pool's lock, after `Books.schedule`: models peers asked for take no new jobs."""
+        for entry in books.entries:
+            asked = self._asks.get(entry.name)
+            if asked is not None and entry.priority <= asked[0]:
+                entry.draining = True
 
     def close(self) -> None:
         """Stop the thread and leave the share directory (this process's share is free at once)."""

@@ -233,3 +233,36 @@ def _peers(share_dir: Path) -> list[list[Any]]:
         except ValueError:
             pass
     return found
+
+
+def test_a_peer_busy_when_asked_offloads_when_its_job_ends_and_takes_no_new_job_meanwhile(tmp_path):
+    from .pool_helpers import Holder
+    from .sync import Worker as Thread
+
+    holder_pool = GPUPool(devices=["emulated:0"], budget_gb=gib(3), share_dir=tmp_path)
+    asker_pool = GPUPool(devices=["emulated:0"], budget_gb=gib(3), share_dir=tmp_path, wait_timeout=20)
+    try:
+        a = holder_pool.add("a", sized(2), offload_after_use=False, idle_timeout=float("inf"))
+        b = asker_pool.add("b", sized(2))
+        order: list[str] = []
+        b.add_transition_listener(lambda event: event["kind"] == "load" and order.append("b loaded"))
+        busy = Holder(a)
+        assert busy.holding.wait(5)
+        asking = Thread(lambda: b.use().__enter__() and None)  # noqa: PLC2801 - held until close()
+        asking.start()
+        wait_until(lambda: "a" in holder_pool._share._asks, timeout=5)  # the request is kept, not refused
+
+        def late_job() -> None:
+            with a.use():
+                order.append("late job on a")
+
+        late = Thread(late_job)
+        late.start()
+        busy.end()  # the job ends: 'a' leaves at once, before the late job may take it again
+        asking.finish()
+        late.finish()
+        assert order[0] == "b loaded"
+        assert a.get_status()["last_transition"]["reason"] in ("evicted", "request")
+    finally:
+        asker_pool.close()
+        holder_pool.close()
