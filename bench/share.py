@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_control import GPUPool  # noqa: E402
 from gpu_control.memory import GIB  # noqa: E402
+from gpu_control.pool_share import ASK_AGAIN_S, SHARE_POLL_S  # noqa: E402
 from gpu_control.share import read_share_status  # noqa: E402
 
 WIDTH = 512
@@ -170,31 +171,43 @@ def _open_seat(index: int, config: Config, mode: str, share_dir: str | None) -> 
 
 
 def _record_requests(seat: Seat) -> None:
-    """Time the eviction requests this process sends and the ones it carries out."""
+    """Time the eviction requests this process sends and the ones it carries out.
+
+    A request for a model in use is kept by the peer and carried out when its jobs end; one
+    record is made when it is settled: when it was sent (``at``), first read (``picked``) and
+    settled (``done``), and whether an offload came of it.
+    """
     share = seat.pool._share
-    ask, answer = share.ledger.ask_to_evict, share._answer
+    ask, remember, answer = share.ledger.ask_to_evict, share._remember, share._answer
+    pending: dict[str, tuple[float, float, bool]] = {}  # model -> (sent, first read, seen in use)
 
     def timed_ask(peer: Any, model: str, priority: int) -> None:
         seat.asks.append(time.time())
         ask(peer, model, priority)
 
-    def timed_answer(request: dict[str, Any]) -> None:
-        picked = time.time()
-        status = seat.manager.get_status()
+    def timed_remember(request: dict[str, Any], now: float) -> None:
+        model = str(request.get("model"))
+        if model not in pending:
+            pending[model] = (float(request.get("at", time.time())), time.time(), False)
+        remember(request, now)
+
+    def timed_answer(model: str, priority: int) -> bool:
         before = sum(1 for _, kind, reason in seat.moves if kind == "offload" and reason == "evicted")
-        answer(request)
+        in_use = seat.manager.get_status()["in_use"] > 0
+        settled = answer(model, priority)
         after = sum(1 for _, kind, reason in seat.moves if kind == "offload" and reason == "evicted")
+        sent, picked, was_busy = pending.get(model, (time.time(), time.time(), False))
+        if not settled:
+            pending[model] = (sent, picked, was_busy or in_use)
+            return settled
+        pending.pop(model, None)
         seat.answers.append(
-            {
-                "at": float(request.get("at", picked)),
-                "picked": picked,
-                "done": time.time(),
-                "honored": after > before,
-                "in_use": status["in_use"] > 0,
-            }
+            {"at": sent, "picked": picked, "done": time.time(), "honored": after > before, "in_use": was_busy}
         )
+        return settled
 
     share.ledger.ask_to_evict = timed_ask
+    share._remember = timed_remember
     share._answer = timed_answer
 
 
@@ -581,7 +594,7 @@ def print_tables(outcomes: list[Outcome], ideal: float, budget: int) -> None:
         return
     answers = [a for run in shared.runs for a in run["answers"]]
     honored = [a for a in answers if a["honored"]]
-    busy = sum(1 for a in answers if not a["honored"] and a["in_use"])
+    busy = sum(1 for a in honored if a["in_use"])
     parts = handoffs(shared)
     total, resident = inversions(shared)
     asks = sum(len(run["asks"]) for run in shared.runs)
@@ -590,20 +603,21 @@ def print_tables(outcomes: list[Outcome], ideal: float, budget: int) -> None:
         (
             "eviction request → the peer's offload done (in the peer, from the request's time stamp)",
             spread([a["done"] - a["at"] for a in honored]),
-            f"{asks} sent, {len(answers)} read, {len(honored)} carried out, {busy} refused: model in use, "
-            f"{len(answers) - len(honored) - busy} found it gone already",
+            f"{asks} sent (renewed every {ASK_AGAIN_S:g} s while waiting), {len(answers)} settled, "
+            f"{len(honored)} carried out ({busy} once the model's jobs ended), "
+            f"{len(answers) - len(honored)} found it gone already",
         ),
         (
             "… of which until the peer's share thread read it",
             spread([a["picked"] - a["at"] for a in honored]),
-            "it polls every 0.1 s",
+            f"it polls every {SHARE_POLL_S:g} s",
         ),
         ("… of which the offload", spread([a["done"] - a["picked"] for a in honored]), ""),
         ("jobs that restored after a peer's eviction: their wait for the model", spread(parts["wait"]), ""),
         (
             "… job start → the request that succeeded was sent",
             spread(parts["before"]),
-            "the peer busy; a refused request is sent again after 1 s",
+            "the peer busy: the request is kept until its jobs end",
         ),
         ("… that request → the peer's offload done", spread(parts["request"]), ""),
         (
@@ -619,7 +633,7 @@ def print_tables(outcomes: list[Outcome], ideal: float, budget: int) -> None:
         (
             "jobs of different processes served out of the order they asked in",
             f"{total} pairs",
-            f"{resident} won by a job whose model was still on the device (a new use needs no admission)",
+            f"{resident} won by a job whose model was still on the device (its use began before the request)",
         ),
         ("host-wide ledger: peak charged / budget", ledger, f"read every {LEDGER_EVERY_S * 1000:.0f} ms"),
     ]
