@@ -296,10 +296,11 @@ def create_app(
     """
     from fastapi import FastAPI
 
+    from gpu_control.gradio import mount_demo
     from gpu_control.metrics import install_metrics
     from gpu_control.rest import install_method_guard, install_offline_docs, make_router
     from pipelines.jobs import JobGate
-    from ui import appearance, build_demo, mount_demo
+    from ui import appearance, build_demo
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -17,15 +17,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect
-from starlette.routing import BaseRoute, Match, Router
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
+from ._extras import missing_extra
 from .security import excerpt
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import ClientDisconnect
+    from starlette.routing import BaseRoute, Match, Router
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ModuleNotFoundError as error:
+    raise missing_extra("rest", "gpu_control.http_guard", error) from error
 
 try:
     from fastapi.routing import iter_route_contexts

@@ -30,8 +30,13 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from ._extras import missing_extra
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+except ModuleNotFoundError as error:
+    raise missing_extra("rest", "gpu_control.metrics", error) from error
 
 from .manager import GPUResourceManager, Location, Transition
 from .memory import GIB
@@ -73,15 +78,13 @@ def install_metrics(
         The registry of this app's metrics (to read them in tests or add your own).
 
     Raises:
-        ModuleNotFoundError: ``prometheus_client`` is not installed.
+        ImportError: ``prometheus_client`` is not installed (the ``rest`` extra).
         ValueError: two managers share a name.
     """
     try:
         from prometheus_client import CollectorRegistry, Counter, Histogram
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            "GET /metrics needs prometheus_client: pip install prometheus_client==0.26.0"
-        ) from None
+    except ModuleNotFoundError as error:
+        raise missing_extra("rest", "GET /metrics", error) from error
 
     managers = [manager] if isinstance(manager, GPUResourceManager) else list(manager)
     names = [each.name for each in managers]

@@ -36,12 +36,17 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Security
-from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPBearer
-from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from ._extras import missing_extra
+
+try:
+    from fastapi import APIRouter, FastAPI, HTTPException, Request, Security
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.security import HTTPBearer
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel
+except ModuleNotFoundError as error:
+    raise missing_extra("rest", "gpu_control.rest", error) from error
 
 from .config import MAX_TIMEOUT_S, validate_bool, validate_release_timeout, validate_timeout
 from .errors import ControlLocked, ForeignOrigin, GpuControlError, InvalidSetting, http_status
@@ -412,7 +417,10 @@ def install_offline_docs(app: FastAPI, *, docs_url: str = "/docs", title: str | 
         docs_url: where the documentation page is served.
         title: the page title (default: the app's title).
     """
-    from swagger_ui_bundle import swagger_ui_path
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ModuleNotFoundError as error:
+        raise missing_extra("rest", "The offline /docs page", error) from error
 
     static_url = f"{docs_url}/static"
     oauth_url = f"{docs_url}/oauth2-redirect"

@@ -21,8 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Path, Request
-from fastapi.responses import JSONResponse
+from ._extras import missing_extra
+
+try:
+    from fastapi import APIRouter, Path, Request
+    from fastapi.responses import JSONResponse
+except ModuleNotFoundError as error:
+    raise missing_extra("rest", "gpu_control.rest_models", error) from error
 
 from .manager import ActionResult, GPUResourceManager
 from .pool import GPUPool

@@ -1,7 +1,9 @@
-"""The Gradio UI: the talking-portrait Blocks app and the reusable GPU panel (layout and wiring only)."""
+"""The demo's Gradio UI: the talking-portrait Blocks app (layout and wiring only).
+
+The GPU panel, the GPU tools and the safe mount it uses are the library's, as in any app:
+`gpu_control.gradio`.
+"""
 
 from .blocks import appearance, build_demo
-from .gpu_panel import GPUPanel, gpu_panel, register_gpu_api, render_status
-from .mount import mount_demo
 
-__all__ = ["GPUPanel", "appearance", "build_demo", "gpu_panel", "mount_demo", "register_gpu_api", "render_status"]
+__all__ = ["appearance", "build_demo"]

@@ -24,12 +24,11 @@ from urllib.parse import quote
 import gradio as gr
 
 from gpu_control import GpuControlError, GPUResourceManager, LoadError
+from gpu_control.gradio import ToolError
 from gpu_control.security import excerpt
 from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
 from pipelines.jobs import JobCancelled, JobGate, ShuttingDown
 from pipelines.media import prune_videos
-
-from .gpu_tools import ToolError
 
 __all__ = ["DEFAULT_KEEP_VIDEOS_S", "make_generate_fn"]
 

@@ -15,10 +15,10 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from gpu_control.gradio import mount_demo
+from gpu_control.gradio.mount import UNEXPECTED
 from pipelines.media import VideoWriter
-from ui import mount_demo
 from ui.blocks import example_rows
-from ui.mount import UNEXPECTED
 
 from .helpers import get_status, make_speech, serve, video_facts
 

@@ -14,7 +14,7 @@ import gradio as gr
 import pytest
 
 from gpu_control import ControlAccess, GPUResourceManager
-from ui.gpu_panel import MESSAGE_TTL_S, gpu_panel
+from gpu_control.gradio.gpu_panel import MESSAGE_TTL_S, gpu_panel
 
 from ..gpu_control.sync import Worker
 from .helpers import GatedPipeline

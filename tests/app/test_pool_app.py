@@ -36,10 +36,10 @@ from gradio_client.exceptions import AppError
 from app import ConfigError, create_app, load_config, main
 from app_pool import PipelineSpec, build_pool, describe_pool, load_pipelines
 from gpu_control import ControlAccess, GPUPool, GPUResourceManager, InvalidSetting, Settings
+from gpu_control.gradio.gpu_panel import gpu_panel, render_pool
 from gpu_control.pool_devices import PoolSettings
 from ui.blocks import build_demo
 from ui.generate import make_generate_fn
-from ui.gpu_panel import gpu_panel, render_pool
 
 from .conftest import CONTROL_TOKEN
 from .helpers import GatedPipeline, app_process, serve

@@ -15,10 +15,10 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 
 from gpu_control import GPUResourceManager
+from gpu_control.gradio.gpu_panel import ToolError
 from pipelines.jobs import JobGate
 from pipelines.media import VideoWriter
 from ui.blocks import GPU_QUEUE, build_demo, make_generate_fn
-from ui.gpu_panel import ToolError
 
 from .helpers import GatedPipeline, get_status, video_facts, wait_for
 from .test_mcp import call

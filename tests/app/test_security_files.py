@@ -34,10 +34,10 @@ from PIL import Image
 
 from app import create_app
 from gpu_control import GPUResourceManager
+from gpu_control.gradio.input_guard import check_mcp_arguments
+from gpu_control.gradio.mount import OUTPUT_FILE_REFUSED, output_file_allowed
 from gpu_control.security import excerpt
 from pipelines.media import VideoWriter
-from ui.input_guard import check_mcp_arguments
-from ui.mount import OUTPUT_FILE_REFUSED, output_file_allowed
 
 from .conftest import LiveApp
 from .helpers import ROOT, GatedPipeline, make_portrait, make_speech, serve
@@ -376,7 +376,7 @@ def test_an_output_folder_that_holds_the_app_serves_none_of_its_files(secrets):
     manager = GPUResourceManager(device="cpu", load_func=pipeline.load, name=pipeline.name)
     try:
         with serve(create_app(manager, pipeline, output_dir=ROOT, examples=[])) as url:
-            for path in (token_file, ROOT / "app.py", ROOT / "README.md", ROOT / "ui" / "mount.py"):
+            for path in (token_file, ROOT / "app.py", ROOT / "README.md", ROOT / "ui" / "blocks.py"):
                 for route in output_routes(path):
                     status, body = raw_get(url, route)
                     assert (status, body) == (404, REFUSED_BODY), route

@@ -32,10 +32,10 @@ from mcp import ClientSession
 
 from app import create_app
 from gpu_control import GPUResourceManager
+from gpu_control.gradio.input_guard import URL_INPUTS_OFF
+from gpu_control.gradio.mount import FILE_URL_REFUSED
 from gpu_control.security import excerpt
 from pipelines.media import VideoWriter
-from ui.input_guard import URL_INPUTS_OFF
-from ui.mount import FILE_URL_REFUSED
 
 from .conftest import LiveApp
 from .helpers import GatedPipeline, serve, upload, video_facts

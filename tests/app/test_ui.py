@@ -10,8 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 from gpu_control import GPUResourceManager
+from gpu_control.gradio.gpu_panel import (
+    ToolError,
+    format_countdown,
+    format_gb,
+    format_seconds,
+    format_size,
+    render_status,
+)
 from ui.blocks import _mouth_from_click, _public_url, cost_html, example_rows, make_generate_fn
-from ui.gpu_panel import ToolError, format_countdown, format_gb, format_seconds, format_size, render_status
 
 from .helpers import GatedPipeline, make_portrait, make_speech
 

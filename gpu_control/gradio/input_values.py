@@ -1,7 +1,8 @@
 """What the input guards share: how a file URL is recognised, and how a sent value is named.
 
-`ui.input_guard` (Gradio's input preprocessing) and `ui.mcp_guard` (MCP tool arguments)
-refuse the same things with the same words; the words and the checks both need live here.
+`gpu_control.gradio.input_guard` (Gradio's input preprocessing) and
+`gpu_control.gradio.mcp_guard` (MCP tool arguments) refuse the same things with the same
+words; the words and the checks both need live here.
 """
 
 from __future__ import annotations
