@@ -257,8 +257,9 @@ class GPUPool(PoolArbiter):
         for name in self.names():
             self.remove(name)
         self._watchers.stop()
-        if self._share is not None:
-            self._share.close()
+        share, self._share = self._share, None  # jobs still running settle locally from now on
+        if share is not None:
+            share.close()
 
     # ------------------------------------------------------------------ status
 

@@ -47,6 +47,8 @@ class PoolArbiter:
         with self._cond:
             if entry.removed:
                 raise GpuControlError(f"The model {entry.name!r} was removed from the pool.")
+            if self._share is not None:
+                self._books.remote = self._share.ledger.remote()  # the peers' budgets bound it too
             if not self._books.candidates(entry, need):
                 raise self._never_fits(entry, need)
             waiter = self._books.enqueue(entry, need, self._clock())
@@ -130,7 +132,8 @@ class PoolArbiter:
 
     def _never_fits(self, entry: Entry, need: int) -> OutOfMemory:
         devices = [entry.pinned] if entry.pinned is not None else self._books.devices
-        largest = max(devices, key=lambda d: d.budget)
+        budget = self._books.budget  # with a share directory: the smallest budget any process declares
+        largest = max(devices, key=budget)
         where = (
             f"the budget of {largest.name}"
             if len(devices) == 1
@@ -139,11 +142,11 @@ class PoolArbiter:
         return OutOfMemory(
             largest.name,
             need,
-            largest.budget,
+            budget(largest),
             message=(
                 f"{entry.name!r} needs {gb_text(need)} (weights {gb_text(need - entry.working)} + working "
-                f"{gb_text(entry.working)}), more than {where}, {gb_text(largest.budget)}: it can never fit. "
-                f"Raise the budget or use a larger device."
+                f"{gb_text(entry.working)}), more than {where}, {gb_text(budget(largest))}: it can never "
+                f"fit. Raise the budget or use a larger device."
             ),
         )
 

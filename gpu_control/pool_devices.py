@@ -203,8 +203,8 @@ def _budget_map(budget_gb: Any, devices: list[PoolDevice], label: str = "budget_
 
 def _positive_gb(name: str, value: Any) -> float:
     gib = validate_timeout(name, value, allow_inf=False, unit="GiB", maximum=_MAX_GB)
-    if gib <= 0:
-        raise InvalidSetting(f"{name} must be more than 0 GiB, not {excerpt(value)}.")
+    if int(gib * GIB) < 1:  # 1e-30 GiB is not 0, but it is 0 bytes
+        raise InvalidSetting(f"{name} must be more than 0 GiB (at least one byte), not {excerpt(value)}.")
     return gib
 
 

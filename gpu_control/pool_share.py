@@ -169,6 +169,8 @@ class PoolShare:
                 now = time.monotonic()
                 for request in self.ledger.take_requests():
                     self._remember(request, now)
+                if len(self._asked) > 4096:  # peers come and go: forget old asks
+                    self._asked.clear()
                 for model, (priority, until) in list(self._asks.items()):
                     if until < now or self._answer(model, priority):
                         del self._asks[model]
@@ -179,10 +181,7 @@ class PoolShare:
 
     def _remember(self, request: dict[str, Any], now: float) -> None:
         """Keep a peer's request until it is carried out or goes stale (the peer renews it while it waits)."""
-        try:
-            model, priority = str(request["model"]), int(request.get("priority", 0))
-        except (KeyError, TypeError, ValueError):
-            return
+        model, priority = request["model"], request["priority"]  # checked by ShareLedger.take_requests
         known = self._asks.get(model)
         self._asks[model] = (max(priority, known[0]) if known else priority, now + KEEP_ASK_S)
 

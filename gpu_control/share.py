@@ -23,9 +23,11 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidSetting
+from .security import excerpt
 
 __all__ = ["HOLDER_STATES", "Peer", "RemoteView", "ShareLedger", "read_share_status"]
 
@@ -47,6 +50,15 @@ _SUFFIX_STATE = ".json"
 _SUFFIX_LIVE = ".lock"
 _SUFFIX_INBOX = ".inbox"
 _MAX_FILE = 1 << 20  # a state file past 1 MiB is not ours
+_MAX_REQUEST = 4096
+_MAX_REQUESTS = 256  # read per look; more wait for the next
+_MAX_ITEMS = 1024
+_MAX_BYTES = 1 << 60
+_MAX_PRIORITY = 1_000_000
+
+STALE_S = 5.0
+"""A peer whose state file is older than this (it rewrites it every second) counts as hung:
+its holdings still count, its queued requests no longer block anyone."""
 
 
 @dataclass
@@ -88,29 +100,32 @@ class ShareLedger:
     """
 
     def __init__(self, share_dir: str | os.PathLike[str]) -> None:
+        if not str(share_dir).strip():
+            raise InvalidSetting("The share directory is empty: name a directory every process mounts.")
         self.dir = Path(share_dir)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise InvalidSetting(
-                f"The share directory {str(share_dir)!r} cannot be used: {error.strerror or error}."
-            ) from None
         self.pid = os.getpid()
         self.host = socket.gethostname()
         # Containers have their own PID namespaces: the pid alone does not name a process here.
         self.id = f"{self.pid}-{secrets.token_hex(6)}"
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing one descriptor
-        self._ledger = open(self.dir / _LOCK, "a+b")  # noqa: SIM115 - held for the process's life
-        # Lock first, then give the lock file its name: a peer never sees it unlocked and takes it for dead.
-        pending = self.dir / f".new-{self.id}"
-        self._live = open(pending, "a+b")  # noqa: SIM115 - held for the process's life
-        fcntl.flock(self._live, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(pending, self.dir / f"{self.id}{_SUFFIX_LIVE}")
-        self.inbox = self.dir / f"{self.id}{_SUFFIX_INBOX}"
-        self.inbox.mkdir(exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.dir.is_dir():
+                raise NotADirectoryError(20, "not a directory")
+            self._ledger = _open_regular(self.dir / _LOCK)  # held for the process's life
+            # Lock first, then give the lock file its name: a peer never sees it unlocked, taking it for dead.
+            pending = self.dir / f".new-{self.id}"
+            self._live = _open_regular(pending)
+            fcntl.flock(self._live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(pending, self.dir / f"{self.id}{_SUFFIX_LIVE}")
+            self.inbox = self.dir / f"{self.id}{_SUFFIX_INBOX}"
+            self.inbox.mkdir()
+        except OSError as error:
+            raise InvalidSetting(
+                f"The share directory {excerpt(str(share_dir))} cannot be used "
+                f"({error.strerror or 'refused'}): give a directory this process can write, "
+                "shared by the processes that use these devices."
+            ) from None
         self._closed = False
 
     # ------------------------------------------------------------------ the lock
@@ -172,8 +187,8 @@ class ShareLedger:
     def ask_to_evict(self, peer: Peer, model: str, priority: int) -> None:
         """Ask ``peer`` to offload its idle ``model`` (it checks the priority itself)."""
         inbox = self.dir / f"{peer.id}{_SUFFIX_INBOX}"
-        if not inbox.is_dir():
-            return
+        if not _real_dir(inbox):
+            return  # missing, or a link to somewhere else: never written through
         body = json.dumps({"model": model, "priority": priority, "from": self.id, "at": time.time()}).encode()
         with contextlib.suppress(OSError):
             _write_atomic(inbox / f"{secrets.token_hex(8)}.json", body, tmp_dir=self.dir)
@@ -181,20 +196,20 @@ class ShareLedger:
     def take_requests(self) -> list[dict[str, Any]]:
         """Read and delete the eviction requests addressed to this process."""
         requests = []
+        if not _real_dir(self.inbox):
+            return []
         try:
-            names = sorted(os.listdir(self.inbox))
+            names = sorted(os.listdir(self.inbox))[:_MAX_REQUESTS]
         except OSError:
             return []
         for name in names:
             path = self.inbox / name
-            try:
-                data = json.loads(path.read_bytes()[:_MAX_FILE])
-            except (OSError, ValueError):
-                data = None
+            data = _load_json(path, _MAX_REQUEST)
             with contextlib.suppress(OSError):
                 path.unlink()
-            if isinstance(data, dict) and isinstance(data.get("model"), str):
-                requests.append(data)
+            request = _request(data)
+            if request is not None:
+                requests.append(request)
         return requests
 
     def close(self) -> None:
@@ -236,72 +251,191 @@ def read_peers(share_dir: Path, *, exclude: str | None = None) -> list[Peer]:
 def _alive(lock_path: Path) -> bool:
     """Whether the owner of ``lock_path`` still holds it (a free lock means a dead owner)."""
     try:
-        with open(lock_path, "a+b") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return True  # cannot tell: keep its share rather than over-commit the device
+        return True  # cannot tell (or a link): keep its share rather than over-commit the device
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _read_state(share_dir: Path, member: str) -> Peer:
+    """A live member's state file, every field checked; anything unreadable counts as empty."""
     path = share_dir / f"{member}{_SUFFIX_STATE}"
     pid = int(member.split("-", 1)[0]) if member.split("-", 1)[0].isdigit() else -1
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return Peer(member, pid, "", {}, [], [])  # started, has published nothing yet
-    except OSError:
-        raw = b""
+    data = _load_json(path, _MAX_FILE)
     try:
-        data = json.loads(raw[:_MAX_FILE])
         if not isinstance(data, dict):
             raise ValueError("not an object")
+        updated = data.get("updated")
+        fresh = _finite(updated) and time.time() - float(updated) < STALE_S
         return Peer(
             member,
-            int(data.get("pid", pid)),
-            str(data.get("host", "")),
-            {str(k): int(v) for k, v in dict(data.get("budgets") or {}).items()},
+            _int(data.get("pid"), pid),
+            str(data.get("host", ""))[:255],
+            _budgets(data.get("budgets")),
             _sized(data.get("holders")),
-            [w for w in list(data.get("waiters") or []) if isinstance(w, dict) and _number(w.get("arrived"))],
+            _waiters(data.get("waiters")) if fresh else [],  # a hung peer's queue blocks no one
             _sized(data.get("promised")),
         )
-    except (ValueError, TypeError, AttributeError):
+    except Exception:  # noqa: BLE001 - whatever is in the file, the others keep working
         logger.warning(
             "The shared state of process %s is damaged; counted as empty until it is rewritten", member
         )
         return Peer(member, pid, "", {}, [], [], [], damaged=True)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _open_regular(path: Path) -> Any:
+    """Open (creating) a regular file for the process's life, never through a link."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(21, "not a regular file")
+    return os.fdopen(fd, "r+b")
+
+
+def _real_dir(path: Path) -> bool:
+    """A directory itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _load_json(path: Path, limit: int) -> Any:
+    """A small regular file's JSON, read without blocking or following links; None when it is not one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        raw = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:
+        return None
+    try:
+        return json.loads(raw)
+    except Exception:  # noqa: BLE001 - malformed, too deep, too large a number: not a state
+        return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value: Any, default: int, low: int = -(2**62), high: int = 2**62) -> int:
+    """A whole number within bounds, else ``default``."""
+    if not _finite(value) or not low <= value <= high:
+        return default
+    return int(value)
+
+
+def _budgets(items: Any) -> dict[str, int]:
+    if not isinstance(items, dict):
+        return {}
+    return {str(k)[:64]: int(v) for k, v in list(items.items())[:64] if _finite(v) and 0 < v <= _MAX_BYTES}
 
 
 def _sized(items: Any) -> list[dict[str, Any]]:
-    """Holdings with a device name and a byte count; anything else in a damaged file is dropped."""
-    return [
-        item
-        for item in list(items or [])
-        if isinstance(item, dict)
-        and isinstance(item.get("device"), str)
-        and isinstance(item.get("bytes"), int)
-        and item["bytes"] >= 0
-        and _number(item.get("priority", 0))
-        and _number(item.get("in_use", 0))
-    ]
+    """Holdings with a device, a byte count and sane numbers; anything else in the file is dropped."""
+    found = []
+    for item in list(items)[:_MAX_ITEMS] if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("device"), str):
+            continue
+        nbytes = item.get("bytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 <= nbytes <= _MAX_BYTES:
+            continue
+        idle = item.get("idle_since")
+        found.append(
+            {
+                "model": str(item.get("model"))[:64],
+                "device": item["device"][:64],
+                "bytes": nbytes,
+                "state": str(item.get("state"))[:16] if item.get("state") in HOLDER_STATES else "gpu",
+                "priority": _int(item.get("priority", 0), 0, -_MAX_PRIORITY, _MAX_PRIORITY),
+                "in_use": _int(item.get("in_use", 0), 0, 0, 2**31),
+                "idle_since": float(idle) if _finite(idle) else None,
+            }
+        )
+    return found
+
+
+def _waiters(items: Any) -> list[dict[str, Any]]:
+    """Queued requests with a priority, an arrival time and a list of device names."""
+    found = []
+    for item in list(items)[:_MAX_ITEMS] if isinstance(items, list) else []:
+        if (
+            not isinstance(item, dict)
+            or not _finite(item.get("arrived"))
+            or not _finite(item.get("priority", 0))
+        ):
+            continue
+        devices = item.get("devices")
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            continue
+        found.append(
+            {
+                "model": str(item.get("model"))[:64],
+                "priority": _int(item.get("priority", 0), 0, -_MAX_PRIORITY, _MAX_PRIORITY),
+                "devices": [d[:64] for d in devices[:64]],
+                "need": _int(item.get("need", 0), 0, 0, _MAX_BYTES),
+                "arrived": float(item["arrived"]),
+            }
+        )
+    return found
+
+
+def _request(data: Any) -> dict[str, Any] | None:
+    """An eviction request, checked: a model name and a priority within bounds."""
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("model"), str)
+        or not _finite(data.get("priority", 0))
+    ):
+        return None
+    priority = data.get("priority", 0)
+    if not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
+        return None
+    at = data.get("at")
+    return {
+        "model": data["model"][:64],
+        "priority": int(priority),
+        "from": str(data.get("from"))[:64],
+        "at": float(at) if _finite(at) else time.time(),
+    }
 
 
 def _remove_member(share_dir: Path, member: str) -> None:
+    """Delete a member's files; a link is removed itself, never followed."""
     inbox = share_dir / f"{member}{_SUFFIX_INBOX}"
-    with contextlib.suppress(OSError):
-        for name in os.listdir(inbox):
-            with contextlib.suppress(OSError):
-                (inbox / name).unlink()
-    with contextlib.suppress(OSError):
-        inbox.rmdir()
+    if _real_dir(inbox):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(inbox):
+                with contextlib.suppress(OSError):
+                    (inbox / name).unlink()
+        with contextlib.suppress(OSError):
+            inbox.rmdir()
+    else:
+        with contextlib.suppress(OSError):
+            inbox.unlink()
     for suffix in (_SUFFIX_STATE, _SUFFIX_LIVE):
         with contextlib.suppress(OSError):
             (share_dir / f"{member}{suffix}").unlink()

@@ -178,7 +178,7 @@ def test_pipeline_is_repeatable_with_or_without_a_name():
         ([], {"GPU_DEVICES": "cpu,emulated:0"}, "GPU_DEVICES: devices mixes emulated and real devices"),
         ([], {"GPU_BUDGET_GB": "lots"}, "GPU_BUDGET_GB must be a number of GiB"),
         ([], {"GPU_BUDGET_GB": "-1"}, "GPU_BUDGET_GB must be 0 or more GiB, not '-1'."),
-        ([], {"GPU_BUDGET_GB": "0"}, "GPU_BUDGET_GB must be more than 0 GiB, not '0'."),
+        ([], {"GPU_BUDGET_GB": "0"}, "GPU_BUDGET_GB must be more than 0 GiB (at least one byte), not '0'."),
         (
             [],
             {"GPU_DEVICES": "emulated:0", "GPU_BUDGET_GB": "emulated:3=1"},
@@ -190,7 +190,7 @@ def test_pipeline_is_repeatable_with_or_without_a_name():
             {"GPU_DEVICES": "emulated:0", "GPU_RESERVE_GB": "30"},
             "GPU_RESERVE_GB=30 leaves no room on emulated:0 (24.0 GiB): lower it or give GPU_BUDGET_GB.",
         ),
-        ([], {"GPU_HOST_BUDGET_GB": "0"}, "GPU_HOST_BUDGET_GB must be more than 0 GiB, not '0'."),
+        ([], {"GPU_HOST_BUDGET_GB": "0"}, "GPU_HOST_BUDGET_GB must be more than 0 GiB (at least one byte), not '0'."),
         ([], {"GPU_WAIT_TIMEOUT": "inf"}, "GPU_WAIT_TIMEOUT must be a finite number of seconds, not 'inf'."),
         ([], {"GPU_WAIT_TIMEOUT": "-1"}, "GPU_WAIT_TIMEOUT must be 0 or more seconds, not '-1'."),
         (["--pipeline", "two words=pkg.mod:make"], {}, "--pipeline 'two words=pkg.mod:make': the model name"),
