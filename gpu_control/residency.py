@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import InvalidSetting, TransferError
 from .model_tensors import _LEAVES, _MAX_DEPTH, _entries, _nbytes, find_modules
+from .residency_hooks import Enter, Hooks
 from .security import excerpt
 from .weights import ModelWeights, Transfer
 
@@ -92,6 +93,8 @@ def validate_residency(value: Any) -> str:
 
 class _OwnTensors(nn.Module):
     """The tensors a module holds itself, seen as a module of their own (the same dicts)."""
+
+    holds_own_tensors = True  # never hooked: it stays on the device for the whole lease
 
     def __init__(self, owner: nn.Module) -> None:
         super().__init__()
@@ -191,109 +194,6 @@ def model_bytes(model: Any) -> int:
     return total
 
 
-# ---------------------------------------------------------------------------- hooks
-
-
-class _Enter:
-    """Enters one component of a `ComponentWeights` (held weakly: hooks must not keep it alive)."""
-
-    def __init__(self, weights: ComponentWeights, name: str) -> None:
-        self._weights = weakref.ref(weights)
-        self.name = name
-
-    def __call__(self) -> None:
-        weights = self._weights()
-        if weights is not None:
-            weights.enter(self.name)
-
-    def depth(self, step: int) -> None:
-        weights = self._weights()
-        if weights is not None:
-            weights._running(self.name, step)
-
-    @property
-    def device(self) -> torch.device | None:
-        weights = self._weights()
-        return None if weights is None else weights.device
-
-
-class _HfHook:
-    """An accelerate-style ``_hf_hook``: enters the component, then defers to the user's hook.
-
-    diffusers' ``apply_forward_hook`` calls ``pre_forward(module)`` from ``encode()`` and
-    ``decode()``; accelerate's wrapped ``forward`` calls ``pre_forward`` and ``post_forward``
-    and reads attributes such as ``no_grad``, which come from the user's hook.
-    """
-
-    def __init__(self, enter: _Enter, inner: Any) -> None:
-        self.enter = enter
-        self.inner = inner
-
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        self.enter()
-        if self.inner is not None and hasattr(self.inner, "pre_forward"):
-            return self.inner.pre_forward(module, *args, **kwargs)
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if self.inner is not None and hasattr(self.inner, "post_forward"):
-            return self.inner.post_forward(module, output)
-        return output
-
-    @property
-    def execution_device(self) -> torch.device | None:
-        device = getattr(self.inner, "execution_device", None)
-        return device if device is not None else self.enter.device
-
-    def __getattr__(self, attr: str) -> Any:
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(attr)
-        return getattr(inner, attr)
-
-
-_MISSING = object()
-
-
-class _Hooks:
-    """The hooks on one component's modules, and what to put back when they are removed."""
-
-    def __init__(self, enter: _Enter, modules: list[nn.Module]) -> None:
-        self.handles: list[Any] = []
-        self.installed: list[tuple[nn.Module, _HfHook, Any]] = []
-        for module in modules:
-            if isinstance(module, _OwnTensors):
-                continue
-            self.handles.append(module.register_forward_pre_hook(lambda _m, _a: _pre(enter)))
-            self.handles.append(
-                module.register_forward_hook(lambda _m, _a, _o: enter.depth(-1), always_call=True)
-            )
-            previous = module.__dict__.get("_hf_hook", _MISSING)
-            hook = _HfHook(enter, None if previous is _MISSING else previous)
-            object.__setattr__(module, "_hf_hook", hook)
-            self.installed.append((module, hook, previous))
-
-    def remove(self) -> None:
-        """Remove the hooks; a user's ``_hf_hook`` is put back (unless the user replaced ours)."""
-        for handle in self.handles:
-            handle.remove()
-        for module, hook, previous in self.installed:
-            if module.__dict__.get("_hf_hook") is not hook:
-                continue
-            if previous is _MISSING:
-                del module.__dict__["_hf_hook"]
-            else:
-                object.__setattr__(module, "_hf_hook", previous)
-        self.handles = []
-        self.installed = []
-
-
-def _pre(enter: _Enter) -> None:
-    """The forward pre-hook: count the call as running (first: the forward hook always uncounts it), enter."""
-    enter.depth(1)
-    enter()
-
-
 # ---------------------------------------------------------------------------- the engine
 
 
@@ -327,7 +227,7 @@ class ComponentWeights:
         self.swaps = 0
         self.swap_bytes = 0
         self.parts: dict[str, ModelWeights] = {}
-        self._hooks: list[_Hooks] = []
+        self._hooks: list[Hooks] = []
         try:
             for name, modules in _grouped(named_components(model)):
                 if any(isinstance(module, _OwnTensors) for module in modules):
@@ -335,7 +235,7 @@ class ComponentWeights:
                 target = modules[0] if len(modules) == 1 else modules
                 self.parts[name] = engine(target, device, mutable=mutable)
                 if name != OWN:
-                    self._hooks.append(_Hooks(_Enter(self, name), modules))
+                    self._hooks.append(Hooks(Enter(self, name), modules))
         except BaseException:
             self.release()
             raise
