@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import GpuControlError, OutOfMemory, TransferError, WaitTimeout
+from .pool_devices import PoolDevice
 from .pool_ledger import Books, Entry, Grant, Waiter, gb_text
+from .residency import ComponentWeights
 from .weights import ModelWeights
 
 if TYPE_CHECKING:
@@ -74,17 +76,42 @@ class PoolArbiter:
         return waiter.admitted.torch_device
 
     def _await_turn(self, waiter: Waiter, deadline: float) -> Grant | None:
-        """Under the lock: wait until the waiter is admitted (None) or granted (its grant)."""
-        with self._cond:
-            self._reschedule()
-            while True:
-                if waiter.admitted is not None:
-                    return None
-                if waiter.grant is not None:
-                    return waiter.grant
-                self._check_wait(waiter, deadline)
-                self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        """Wait until the waiter is admitted (None) or granted (its grant). Components models
+        holding extra room on its devices give it back first (outside the lock: they take theirs)."""
+        while True:
+            with self._cond:
                 self._reschedule()
+                while True:
+                    if waiter.admitted is not None:
+                        return None
+                    if waiter.grant is not None:
+                        return waiter.grant
+                    self._check_wait(waiter, deadline)
+                    extras = self._extras(waiter)
+                    if extras:
+                        break
+                    self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+                    self._reschedule()
+            if not sum(_trim(weights) for weights in extras):
+                with self._cond:  # nothing could leave now (running): no tight retry loop
+                    self._cond.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _extras(self, waiter: Waiter) -> list[ComponentWeights]:
+        """Under the lock: the components models holding extra room on the waiter's devices."""
+        devices = self._books.candidates(waiter.entry, waiter.need)
+        found = []
+        for entry in self._books.entries:
+            weights = self._slots[id(entry)].manager._state.weights if id(entry) in self._slots else None
+            if entry.device in devices and isinstance(weights, ComponentWeights) and weights.extra > 0:
+                found.append(weights)
+        return found
+
+    def _waits_for(self, device: PoolDevice) -> bool:
+        """Under the lock: whether a request (ours or another process's) waits for ``device``."""
+        if any(device in self._books.candidates(w.entry, w.need) for w in self._books.waiters):
+            return True
+        remote = self._books.remote
+        return remote is not None and any(device.name in (w.get("devices") or []) for w in remote.waiters)
 
     def _grant_done(self, waiter: Waiter, grant: Grant, deadline: float) -> bool:
         """After the evictions: admit once the victims have left; False to queue again."""
@@ -229,3 +256,12 @@ class PoolArbiter:
                 manager._move_out(action, reason)
             except TransferError:
                 pass  # logged by the mover and kept in the victim's last_error; the waiter re-plans
+
+
+def _trim(weights: ComponentWeights) -> int:
+    """Have a components model give back its extra room; 0 when it could not (logged)."""
+    try:
+        return weights.trim()
+    except Exception as error:  # a failed offload leaves the component where it was
+        logger.warning("Pool: a components model could not give back its extra room: %s", error)
+        return 0

@@ -82,8 +82,36 @@ class Slot:
             return bool(self.pool._books.candidates(self.entry, nbytes + self.entry.working))
 
     def room(self, weights: ModelWeights | ComponentWeights, reason: str) -> torch.device:
-        # component residency: charged its largest component, not the whole model
+        # component residency: charged its largest component, not the whole model; more components
+        # stay while the device has room (`more`), and leave first when a waiter needs it (`less`)
+        if isinstance(weights, ComponentWeights):
+            weights.room, weights.give_back = self.more, self.less
         return self.pool._room(self.entry, charge_bytes(weights) + self.entry.working)
+
+    def more(self, nbytes: int) -> bool:
+        """Charge ``nbytes`` more for components kept on the device, if its budget has room that
+        no waiter waits for (called under the model's `ComponentWeights` lock)."""
+        pool, entry = self.pool, self.entry
+        with pool._cond:
+            device = entry.device
+            if device is None or entry.charge <= 0 or entry.removed or pool._waits_for(device):
+                return False
+            books = pool._books
+            room = books.driver_room(device, books.views())
+            if books.free(device) < nbytes or (room is not None and room < nbytes):
+                return False
+            books.set_charge(entry, device, entry.charge + nbytes)
+            pool._reschedule()
+            return True
+
+    def less(self, nbytes: int) -> None:
+        """``nbytes`` charged by `more` are free again."""
+        pool, entry = self.pool, self.entry
+        with pool._cond:
+            if entry.charge > 0:
+                pool._books.set_charge(entry, entry.device, max(0, entry.charge - nbytes))
+            pool._reschedule()
+            pool._cond.notify_all()
 
     def more_room(self, weights: ModelWeights) -> bool:
         return self.pool._more_room(self.entry)

@@ -28,8 +28,11 @@ Entering a component restores it (one engine restore: few large copies) and offl
 component entered before (a pointer swap), unless that one is still running (a component
 called from inside another's forward): then both stay until it returns. The restore of the
 lease (``to_device``) only arms the hooks and restores ``(own)``; the first component comes in
-when it is first entered. Outside a lease the hooks are inert and the model runs on the host
-master copy, as a whole model does after an offload. ``release()`` removes every hook.
+when it is first entered. In a pool (`ComponentWeights.room`), the components entered stay while
+the device's budget has room for them, and leave least recently entered first when it has not, or
+when another model waits for the room (`ComponentWeights.trim`). Outside a lease the hooks are
+inert and the model runs on the host master copy, as a whole model does after an offload.
+``release()`` removes every hook.
 
 A module called directly while its component is not the current one (``pipe.vae.decoder(x)``
 without going through ``vae``) runs on the host copy: on a real GPU that fails with a device
@@ -50,8 +53,8 @@ import torch
 from torch import nn
 
 from .errors import InvalidSetting, TransferError
-from .model_tensors import _LEAVES, _MAX_DEPTH, _entries, _nbytes, find_modules
-from .residency_hooks import Enter, Hooks
+from .model_tensors import _LEAVES, _MAX_DEPTH
+from .residency_hooks import Enter, Hooks, _grouped, model_bytes
 from .security import excerpt
 from .weights import ModelWeights, Transfer
 
@@ -143,57 +146,6 @@ def named_components(obj: Any) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _keys(module: nn.Module) -> set[int]:
-    """What identifies the memory of a module's tensors: storage addresses, or the tensor objects."""
-    keys: set[int] = set()
-    for entry in _entries([module]):
-        tensor = entry.tensor
-        keys.add(id(tensor))
-        if tensor.is_meta or tensor.numel() == 0:
-            continue
-        try:
-            keys.add(tensor.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass
-    return keys
-
-
-def _grouped(named: list[tuple[str, nn.Module]]) -> list[tuple[str, list[nn.Module]]]:
-    """Join components that share a tensor (tied weights) into one, named ``a+b``; drop empty ones."""
-    groups: list[tuple[list[str], list[nn.Module], set[int]]] = []
-    for name, module in named:
-        keys = _keys(module)
-        if not keys:
-            continue
-        joined = [g for g in groups if g[2] & keys]
-        for group in joined:
-            groups.remove(group)
-        names = [n for g in joined for n in g[0]] + [name]
-        modules = [m for g in joined for m in g[1]] + [module]
-        groups.append((names, modules, keys.union(*(g[2] for g in joined))))
-    order = {name: i for i, (name, _) in enumerate(named)}
-    groups.sort(key=lambda g: min(order[n] for n in g[0]))
-    return [("+".join(sorted(names, key=order.__getitem__)), modules) for names, modules, _ in groups]
-
-
-def model_bytes(model: Any) -> int:
-    """Bytes of a model's tensors before it is attached (shared memory counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for entry in _entries(find_modules(model)):
-        tensor = entry.tensor
-        if tensor.is_meta:
-            continue
-        try:
-            key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
-        except (RuntimeError, NotImplementedError, TypeError):
-            key = id(tensor)
-        if key not in seen:
-            seen.add(key)
-            total += _nbytes(tensor)
-    return total
-
-
 # ---------------------------------------------------------------------------- the engine
 
 
@@ -210,6 +162,9 @@ class ComponentWeights:
         model: the object the load function returned.
         parts: one engine per component, by name.
         swaps: component restores during leases; ``swap_bytes``: bytes they copied.
+        room, give_back: set by a pool (None outside it: one component at a time). ``room(n)``:
+            may it hold ``n`` bytes beyond `charge_bytes`; ``give_back(n)``: they are free again.
+        extra: the bytes ``room`` granted and not given back yet.
     """
 
     residency = "components"
@@ -224,6 +179,10 @@ class ComponentWeights:
         self._released = False
         self._on: frozenset[str] = frozenset()  # replaced, never changed in place: status reads it unlocked
         self._calls: collections.Counter[str] = collections.Counter()
+        self._order: list[str] = []  # the components entered, least recently first
+        self.room: Callable[[int], bool] | None = None  # set by a pool: may I hold n more bytes?
+        self.give_back: Callable[[int], None] | None = None  # set by a pool: I hold n bytes fewer
+        self.extra = 0  # bytes the pool granted beyond `charge_bytes`
         self.swaps = 0
         self.swap_bytes = 0
         self.parts: dict[str, ModelWeights] = {}
@@ -319,6 +278,7 @@ class ComponentWeights:
             "host_bytes": self.host_bytes,
             "device_bytes": self.device_bytes,
             "charge_bytes": self.charge_bytes,
+            "extra_bytes": self.extra,
             "swaps": self.swaps,
             "swap_bytes": self.swap_bytes,
             "components": {name: part.stats() for name, part in self.parts.items()},
@@ -367,6 +327,7 @@ class ComponentWeights:
                 copied += moved.bytes_copied
                 copies += moved.copies
                 self._on = self._on - {name}
+            self._give_back(self.extra)
         return Transfer(copied, time.perf_counter() - start, copies)
 
     def release(self) -> Transfer:
@@ -380,6 +341,7 @@ class ComponentWeights:
             for part in self.parts.values():
                 part.release()
             self._on = frozenset()
+            self._give_back(self.extra)
             self.model = None
             self._released = True
         return Transfer(0, time.perf_counter() - start)
@@ -387,13 +349,18 @@ class ComponentWeights:
     def enter(self, name: str) -> None:
         """Make ``name`` the component on the device: restore it, offload the one before.
 
-        A component still running (``name`` was called from inside its forward) stays. Does
-        nothing outside a lease.
+        A component still running (``name`` was called from inside its forward) stays. In a
+        pool (``room`` set), the others stay too while the pool grants the room they need;
+        otherwise they leave least recently entered first. Does nothing outside a lease.
         """
         with self._lock:
             if not self._active:
                 return
-            left = [n for n in self._on if n not in (name, OWN) and self._calls[n] == 0]
+            self._order = [n for n in self._order if n != name] + [name]
+            if self.room is None:
+                left = [n for n in self._on if n not in (name, OWN) and self._calls[n] == 0]
+            else:
+                left = self._to_leave(name)
             if name in self._on and not left:
                 return
             start = time.perf_counter()
@@ -406,6 +373,7 @@ class ComponentWeights:
                 self._on = self._on | {name}
                 self.swaps += 1
                 self.swap_bytes += copied
+            self._settle()
         logger.debug(
             "Component %r on %s (%.1f MB in %.3f s); offloaded %s",
             name,
@@ -414,6 +382,53 @@ class ComponentWeights:
             time.perf_counter() - start,
             ", ".join(repr(n) for n in left) or "nothing",
         )
+
+    def trim(self) -> int:
+        """Offload the components held with extra room (least recently entered first), except
+        the one entered last and those running, and give that room back; return its bytes."""
+        with self._lock:
+            if not self._active or not self.extra:
+                return 0
+            keep = {OWN, *self._order[-1:]}
+            for other in [n for n in self._order if n in self._on and n not in keep and not self._calls[n]]:
+                if self._sizes(self._on) <= self.charge_bytes:
+                    break
+                self.parts[other].to_host()
+                self._on = self._on - {other}
+            return self._settle()
+
+    def _to_leave(self, name: str) -> list[str]:
+        """In a pool: the components to offload so that ``name`` comes in, least recently entered
+        first (never a running one), each only while the pool refuses the room for the others."""
+        after = self._on | {name}
+        stay = [n for n in self._order if n in after and n not in (name, OWN) and self._calls[n] == 0]
+        left: list[str] = []
+        while True:
+            need = self._sizes(after) - self.charge_bytes - self.extra
+            if need <= 0 or (self.room is not None and self.room(need)):
+                self.extra += max(0, need)
+                return left
+            if not stay:
+                return left
+            left.append(stay.pop(0))
+            after = after - {left[-1]}
+
+    def _settle(self) -> int:
+        """Give back the extra room the components on the device no longer need; return its bytes."""
+        if self.room is None:
+            return 0
+        freed = self.extra - max(0, min(self.extra, self._sizes(self._on) - self.charge_bytes))
+        self._give_back(freed)
+        return freed
+
+    def _sizes(self, names: frozenset[str]) -> int:
+        return sum(self.parts[n].size_bytes for n in names)
+
+    def _give_back(self, nbytes: int) -> None:
+        """Under the lock: ``nbytes`` of extra room are free again (told to the pool, if any)."""
+        self.extra -= max(0, nbytes)
+        if nbytes > 0 and self.give_back is not None:
+            self.give_back(nbytes)
 
     def _running(self, name: str, step: int) -> None:
         """Count a forward call of ``name`` starting (+1) or ending (-1)."""
@@ -464,7 +479,7 @@ def attach_as(
         if not fits_whole(nbytes):
             logger.info(
                 "%r (%.2f GiB) is larger than every device budget: it runs with component residency "
-                "(one component on the device at a time)",
+                "(its components move in and out as the budget allows)",
                 name,
                 nbytes / 2**30,
             )

@@ -4,6 +4,8 @@ Each component module gets a forward pre-hook (enter; count the call as running)
 with ``always_call`` (uncount it), and an accelerate-style ``_hf_hook`` whose ``pre_forward`` is
 what diffusers' ``apply_forward_hook`` calls from ``encode()``/``decode()``. A user's own
 ``_hf_hook`` is chained and put back when the hooks are removed.
+
+Also the helpers that group components by shared memory (tied weights) and size a model.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .model_tensors import _entries, _nbytes, find_modules
+
 if TYPE_CHECKING:
     from .residency import ComponentWeights
 
-__all__ = ["Enter", "HfHook", "Hooks"]
+__all__ = ["Enter", "HfHook", "Hooks", "model_bytes"]
 
 
 class Enter:
@@ -118,3 +122,54 @@ def _pre(enter: Enter) -> None:
     """The forward pre-hook: count the call as running (first: the forward hook always uncounts it), enter."""
     enter.depth(1)
     enter()
+
+
+def _keys(module: nn.Module) -> set[int]:
+    """What identifies the memory of a module's tensors: storage addresses, or the tensor objects."""
+    keys: set[int] = set()
+    for entry in _entries([module]):
+        tensor = entry.tensor
+        keys.add(id(tensor))
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        try:
+            keys.add(tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+    return keys
+
+
+def _grouped(named: list[tuple[str, nn.Module]]) -> list[tuple[str, list[nn.Module]]]:
+    """Join components that share a tensor (tied weights) into one, named ``a+b``; drop empty ones."""
+    groups: list[tuple[list[str], list[nn.Module], set[int]]] = []
+    for name, module in named:
+        keys = _keys(module)
+        if not keys:
+            continue
+        joined = [g for g in groups if g[2] & keys]
+        for group in joined:
+            groups.remove(group)
+        names = [n for g in joined for n in g[0]] + [name]
+        modules = [m for g in joined for m in g[1]] + [module]
+        groups.append((names, modules, keys.union(*(g[2] for g in joined))))
+    order = {name: i for i, (name, _) in enumerate(named)}
+    groups.sort(key=lambda g: min(order[n] for n in g[0]))
+    return [("+".join(sorted(names, key=order.__getitem__)), modules) for names, modules, _ in groups]
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a model's tensors before it is attached (shared memory counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for entry in _entries(find_modules(model)):
+        tensor = entry.tensor
+        if tensor.is_meta:
+            continue
+        try:
+            key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        except (RuntimeError, NotImplementedError, TypeError):
+            key = id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += _nbytes(tensor)
+    return total
