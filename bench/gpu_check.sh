@@ -34,3 +34,10 @@ step pytest_gpu 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/gpu_cont
 step transfer 240 "$py" bench/transfer.py --sizes 1 4 16 --repeat 3
 step pipeline 90 "$py" bench/pipeline.py --sizes 256,512 --repeats 2 --rss-seconds 10,60
 step lifecycle 60 "$py" bench/lifecycle.py --device cuda --size 512
+# The pool, sharing and model-family benchmarks (issues 10-12): a second run, GPU_CHECK_MORE=1
+# bash bench/gpu_check.sh OUTDIR, when the first one has left the device time for it.
+if [ "${GPU_CHECK_MORE:-0}" = 1 ]; then
+  step pool 150 "$py" bench/pool.py --device cuda:0 --size-mb 2000
+  step models 200 "$py" bench/models.py
+  step share 150 "$py" bench/share.py --device cuda:0
+fi
