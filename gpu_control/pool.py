@@ -38,6 +38,7 @@ from .pool_devices import (
     device_budgets,
     host_budget_bytes,
     parse_devices,
+    validate_gb,
     validate_wait_timeout,
 )
 from .pool_ledger import Books, Entry, EntryView, gb_text
@@ -159,9 +160,7 @@ class GPUPool(PoolArbiter):
                 f"priority must be a whole number from -{_MAX_PRIORITY} to {_MAX_PRIORITY}, "
                 f"not {excerpt(priority)}."
             )
-        from .pool_devices import _gb
-
-        working = int(_gb("working_gb", working_gb, positive=False) * GIB)
+        working = int(validate_gb("working_gb", working_gb, positive=False) * GIB)
         pinned = None if device is None else self._device(device)
         entry = Entry(name, priority, working, pinned, view=lambda: EntryView())
         slot = Slot(self, entry)

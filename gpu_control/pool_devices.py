@@ -44,6 +44,7 @@ __all__ = [
     "device_budgets",
     "host_budget_bytes",
     "parse_devices",
+    "validate_gb",
     "validate_wait_timeout",
 ]
 
@@ -240,13 +241,13 @@ class PoolSettings:
             records = parse_devices(devices)
         except InvalidSetting as error:
             raise InvalidSetting(f"GPU_DEVICES: {error}") from None
-        reserve_gb = 1.0 if reserve is None else _gb("GPU_RESERVE_GB", reserve, positive=False)
+        reserve_gb = 1.0 if reserve is None else validate_gb("GPU_RESERVE_GB", reserve, positive=False)
         device_budgets(records, budget, reserve_gb, names=("GPU_BUDGET_GB", "GPU_RESERVE_GB"))
         return cls(
             devices=devices,
             budget_gb=budget,
             reserve_gb=reserve_gb,
-            host_budget_gb=None if host is None else _gb("GPU_HOST_BUDGET_GB", host, positive=True),
+            host_budget_gb=None if host is None else validate_gb("GPU_HOST_BUDGET_GB", host, positive=True),
             wait_timeout=DEFAULT_WAIT_TIMEOUT
             if wait is None
             else validate_wait_timeout("GPU_WAIT_TIMEOUT", wait),
@@ -265,7 +266,8 @@ class PoolSettings:
         }
 
 
-def _gb(name: str, value: Any, *, positive: bool) -> float:
+def validate_gb(name: str, value: Any, *, positive: bool) -> float:
+    """GiB for ``name``: finite, from 0 (or, when ``positive``, at least one byte) to a pebibyte."""
     if positive:
         return _positive_gb(name, value)
     return validate_timeout(name, value, allow_inf=False, unit="GiB", maximum=_MAX_GB)
