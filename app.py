@@ -296,7 +296,7 @@ def create_app(
     """
     from fastapi import FastAPI
 
-    from gpu_control.gradio import mount_demo
+    from gpu_control_gradio import mount_demo
     from gpu_control.metrics import install_metrics
     from gpu_control.rest import install_method_guard, install_offline_docs, make_router
     from pipelines.jobs import JobGate

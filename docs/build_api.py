@@ -29,9 +29,9 @@ MODULES = [
     "gpu_control.rest_models",
     "gpu_control.http_guard",
     "gpu_control.metrics",
-    "gpu_control.gradio",  # and gpu_control.gradio.gpu_panel, which it exports under that name
-    "gpu_control.gradio.gpu_tools",
-    "gpu_control.gradio.mount",
+    "gpu_control_gradio",  # and gpu_control_gradio.gpu_panel, which it exports under that name
+    "gpu_control_gradio.gpu_tools",
+    "gpu_control_gradio.mount",
 ]
 
 

@@ -11,9 +11,9 @@ idle and release timeouts, and a status snapshot that never waits.
 
 Several models on one or more devices share budgets through a `GPUPool`.
 
-The integrations are subpackages that need an extra and are imported only when used:
+The integrations need an extra and are imported only when used:
 `gpu_control.rest` and `gpu_control.metrics` (``pip install "gpu-control[rest]"``: FastAPI
-router, offline docs, Prometheus), `gpu_control.gradio` (``pip install "gpu-control[gradio]"``:
+router, offline docs, Prometheus), and the sibling package `gpu_control_gradio` (``pip install "gpu-control[gradio]"``:
 the GPU panel, the MCP/API tools, a safe mount). ``import gpu_control`` itself needs only torch,
 numpy and psutil, and never imports gradio, fastapi, diffusers or transformers.
 """

@@ -20,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from gpu_control import ControlAccess, GPUPool, GPUResourceManager
-from gpu_control.gradio import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
+from gpu_control_gradio import PANEL_CSS, ToolError, format_seconds, gpu_panel, register_gpu_api
 from pipelines import Pipeline
 from pipelines.jobs import JobGate
 
@@ -265,14 +265,14 @@ def build_demo(
         manager: owns the model's GPU-memory lifecycle (with a pool: the default model's).
         pipeline: turns a portrait and a speech track into a video (``manager``'s).
         output_dir: where videos are written (default: ``outputs/`` in the working folder).
-            Serve its videos by passing it as ``output_dir`` to `gpu_control.gradio.mount_demo`.
+            Serve its videos by passing it as ``output_dir`` to `gpu_control_gradio.mount_demo`.
         examples: ``[[image, audio], ...]`` shown under the inputs (default: `example_rows()`).
         refresh_seconds: how often the GPU panel refreshes.
         keep_videos_s: how long generated videos (and Gradio's cached copies) are kept (0: always).
         access: who may change the GPU state (control token, same origin); None: no token.
         gate: admits jobs and cancels them at shutdown (default: a gate of its own).
         allow_url_inputs: whether the MCP tool description offers http(s) URLs for files; pass
-            the same value to `gpu_control.gradio.mount_demo`, which enforces it.
+            the same value to `gpu_control_gradio.mount_demo`, which enforces it.
         pool: the models sharing the devices: the GPU panel and tools then show and control
             each of them.
         pipelines: ``{model name: pipeline}`` of the pool's models; with more than one, the
@@ -280,7 +280,7 @@ def build_demo(
             runs through ``pool[name]``.
 
     Returns:
-        The Blocks; mount it with ``gpu_control.gradio.mount_demo(app, demo, path="/", mcp_server=True,
+        The Blocks; mount it with ``gpu_control_gradio.mount_demo(app, demo, path="/", mcp_server=True,
         output_dir=output_dir, output_pattern="talking-*.mp4", **appearance())``.
 
     Raises:

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import gradio as gr
 
 from gpu_control import GpuControlError, GPUResourceManager, LoadError
-from gpu_control.gradio import ToolError
+from gpu_control_gradio import ToolError
 from gpu_control.security import excerpt
 from pipelines import GenerateOptions, MediaError, Pipeline, PipelineError, run_pipeline
 from pipelines.jobs import JobCancelled, JobGate, ShuttingDown

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from torch import nn
 
 from gpu_control import ControlAccess, GPUResourceManager, read_control_token
-from gpu_control.gradio import gpu_panel, mount_demo, register_gpu_api
+from gpu_control_gradio import gpu_panel, mount_demo, register_gpu_api
 from gpu_control.rest import install_method_guard, install_offline_docs, make_router
 
 

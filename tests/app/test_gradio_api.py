@@ -15,8 +15,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from gpu_control.gradio import mount_demo
-from gpu_control.gradio.mount import UNEXPECTED
+from gpu_control_gradio import mount_demo
+from gpu_control_gradio.mount import UNEXPECTED
 from pipelines.media import VideoWriter
 from ui.blocks import example_rows
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from app import create_app
 from gpu_control import ControlAccess, GPUPool
-from gpu_control.gradio import mount_demo
-from gpu_control.gradio.gpu_tools import register_gpu_api
+from gpu_control_gradio import mount_demo
+from gpu_control_gradio.gpu_tools import register_gpu_api
 from gpu_control.rest import install_method_guard, make_router
 from gpu_control.security import excerpt
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from gpu_control import GPUPool
-from gpu_control.gradio.panel_render import render_pool
+from gpu_control_gradio.panel_render import render_pool
 
 
 def test_the_pool_overview_lists_other_processes_models_under_their_device(tmp_path):

@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 
 from gpu_control import GPUResourceManager
-from gpu_control.gradio.gpu_panel import ToolError
+from gpu_control_gradio.gpu_panel import ToolError
 from pipelines.jobs import JobGate
 from pipelines.media import VideoWriter
 from ui.blocks import GPU_QUEUE, build_demo, make_generate_fn

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_control.gradio.input_guard import URL_INPUTS_OFF
+from gpu_control_gradio.input_guard import URL_INPUTS_OFF
 from serving import CANCEL_WAIT_S, STREAMS_CLOSE_S
 
 from .helpers import AppProcess, app_process, listening_addresses, upload, wait_for

@@ -34,8 +34,8 @@ from PIL import Image
 
 from app import create_app
 from gpu_control import GPUResourceManager
-from gpu_control.gradio.input_guard import check_mcp_arguments
-from gpu_control.gradio.mount import OUTPUT_FILE_REFUSED, output_file_allowed
+from gpu_control_gradio.input_guard import check_mcp_arguments
+from gpu_control_gradio.mount import OUTPUT_FILE_REFUSED, output_file_allowed
 from gpu_control.security import excerpt
 from pipelines.media import VideoWriter
 

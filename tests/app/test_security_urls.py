@@ -32,8 +32,8 @@ from mcp import ClientSession
 
 from app import create_app
 from gpu_control import GPUResourceManager
-from gpu_control.gradio.input_guard import URL_INPUTS_OFF
-from gpu_control.gradio.mount import FILE_URL_REFUSED
+from gpu_control_gradio.input_guard import URL_INPUTS_OFF
+from gpu_control_gradio.mount import FILE_URL_REFUSED
 from gpu_control.security import excerpt
 from pipelines.media import VideoWriter
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from gpu_control import GPUResourceManager
-from gpu_control.gradio.gpu_panel import (
+from gpu_control_gradio.gpu_panel import (
     ToolError,
     format_countdown,
     format_gb,

@@ -49,7 +49,7 @@ found["pool"] = {name: model["model_location"] for name, model in pool.get_statu
 pool.close()
 
 found["missing"] = {}
-for name in ("gpu_control.rest", "gpu_control.metrics", "gpu_control.gradio"):
+for name in ("gpu_control.rest", "gpu_control.metrics", "gpu_control_gradio"):
     try:
         __import__(name)
     except ImportError as error:
@@ -65,12 +65,14 @@ def test_the_wheel_holds_the_gpu_control_package_typed_with_core_dependencies_an
         metadata = Parser().parsestr(archive.read(metadata_name).decode())
     assert {name.split("/")[0] for name in names} == {
         "gpu_control",
+        "gpu_control_gradio",
         f"gpu_control-{gpu_control.__version__}.dist-info",
     }
     assert {
         "gpu_control/py.typed",
-        "gpu_control/gradio/__init__.py",
-        "gpu_control/gradio/gpu_panel.py",
+        "gpu_control_gradio/py.typed",
+        "gpu_control_gradio/__init__.py",
+        "gpu_control_gradio/gpu_panel.py",
     } <= set(names)
     assert not [name for name in names if "__pycache__" in name or name.startswith(("ui/", "pipelines/"))]
     assert metadata["Name"] == "gpu-control"
@@ -108,7 +110,7 @@ def test_a_fresh_venv_without_extras_imports_gpu_control_and_runs_a_lifecycle(wh
         'router with: pip install "gpu-control[rest]"',
         "gpu_control.metrics": "gpu_control.metrics needs 'fastapi', which is not installed; install the "
         'REST router with: pip install "gpu-control[rest]"',
-        "gpu_control.gradio": "gpu_control.gradio needs 'gradio', which is not installed; install the Gradio "
+        "gpu_control_gradio": "gpu_control_gradio needs 'gradio', which is not installed; install the Gradio "
         'panel and tools with: pip install "gpu-control[gradio]"',
     }
     plain = run(python, "-I", RUNNER, EXAMPLES, "plain", cwd=tmp_path).stdout

@@ -5,7 +5,7 @@
         ...
         gpu_panel(manager, load_func=load, access=access)  # status card, buttons, settings, gr.Timer
 
-The panel shows one manager's `get_status()` (see `gpu_control.gradio.panel_render`). Its buttons and
+The panel shows one manager's `get_status()` (see `gpu_control_gradio.panel_render`). Its buttons and
 settings are not queued behind a running job: they answer at once, and offload/release
 requested during a job answer "deferred"; the message line then follows the request and says
 what happened when it was carried out (or cancelled). Messages older than a minute are
@@ -16,7 +16,7 @@ used/budget bar and a row per model, and a model selector chooses which model th
 timeouts act on (the default model first). The selected name comes from the browser: it is
 looked up in the pool, and an unknown one is refused with a sentence naming the known models.
 
-Controls go through `ControlAccess` (`gpu_control.gradio.panel_controls`): when the app has a control token,
+Controls go through `ControlAccess` (`gpu_control_gradio.panel_controls`): when the app has a control token,
 the panel shows a password field whose value is sent with each control event, and the handlers
 check it (with the request's own headers) before touching a manager, because the UI's event
 routes can be called over HTTP like any other. Reads (page load, the timer's refresh, the

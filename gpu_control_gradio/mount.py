@@ -9,7 +9,7 @@ What `mount_demo` adds to ``gr.mount_gradio_app()`` (Gradio 6.31), for any Block
   Gradio skips its "only files the user uploaded" check for Blocks that have not launched: an
   API caller could name any server file (``/etc/passwd``) as a file input and download the
   copy. Marking the Blocks launched turns Gradio's own check back on (it resolves ``..`` and
-  symlinks); nothing here replaces it. `gpu_control.gradio.input_guard` makes sure every file input reaches
+  symlinks); nothing here replaces it. `gpu_control_gradio.input_guard` makes sure every file input reaches
   that check.
 - **Only the files the app wrote from its output folder.** ``output_dir`` is served, but
   ``GET /gradio_api/file=<path>`` (and ``/file/<path>``) of anything that lies in it, by name or
@@ -25,7 +25,7 @@ What `mount_demo` adds to ``gr.mount_gradio_app()`` (Gradio 6.31), for any Block
   Gradio downloads an http(s) file input after checking that its host is public (loopback,
   private and link-local addresses are refused). False refuses every URL file input, through
   the API and MCP alike, before any DNS lookup or connection.
-- **Bad input is answered with a sentence** (`gpu_control.gradio.input_guard`). ``show_error`` defaults to
+- **Bad input is answered with a sentence** (`gpu_control_gradio.input_guard`). ``show_error`` defaults to
   False (as in ``launch()``), so the text of an unexpected exception never reaches a client
   (``gr.Error`` messages always do). A direct call (``POST /gradio_api/run/...``) the app
   refuses with a ``gr.Error`` answers 422, not Gradio's 500.

@@ -4,7 +4,7 @@
 request with `ControlAccess`, and answers with a message line (`message_line`). The line
 carries its own state (when it was shown; for a deferred offload/release, the model, action,
 counts and error before it), so that the refresh (`follow`) can say later what became of the
-request without any session state. `gpu_control.gradio.gpu_panel` lays out the panel and wires these to it.
+request without any session state. `gpu_control_gradio.gpu_panel` lays out the panel and wires these to it.
 """
 
 from __future__ import annotations

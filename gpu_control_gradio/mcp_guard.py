@@ -1,6 +1,6 @@
 """Guards on a mounted Blocks app's MCP server: tool arguments checked, file arguments as data.
 
-`guard_mcp` (installed by `gpu_control.gradio.input_guard.guard_inputs` when the app has an MCP server) wraps
+`guard_mcp` (installed by `gpu_control_gradio.input_guard.guard_inputs` when the app has an MCP server) wraps
 Gradio's MCP server so that arguments that do not fit a tool's schema (an unknown name
 included) get a sentence with a short excerpt (`mcp_argument_problem`), and file arguments are
 data: URIs or http(s) URLs (when allowed), never objects with a server path, which Gradio's MCP
@@ -111,7 +111,7 @@ def _own_hosts(gradio_mcp: Any) -> set[tuple[str, int | None]]:
         request = None
     headers = getattr(request, "headers", None) or {}
     named = [headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0]]
-    if gradio_mcp.local_url:  # pinned by `gpu_control.gradio.mount`: http://<address>:<port>/
+    if gradio_mcp.local_url:  # pinned by `gpu_control_gradio.mount`: http://<address>:<port>/
         port = urlsplit(gradio_mcp.local_url).port
         named += [f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")]
     hosts: set[tuple[str, int | None]] = set()

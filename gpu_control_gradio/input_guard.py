@@ -1,6 +1,6 @@
 """Guards on what a mounted Blocks app takes as input: files, URLs, and MCP tool arguments.
 
-`guard_inputs` (called by `gpu_control.gradio.mount_demo`) wraps two places of a Blocks app:
+`guard_inputs` (called by `gpu_control_gradio.mount_demo`) wraps two places of a Blocks app:
 
 - its input preprocessing, which every route reaches (UI events, ``/gradio_api/call``,
   ``/run``, ``/queue/join``, MCP): a wrong count of values, a file input that is not a Gradio
@@ -9,7 +9,7 @@
   URL to a private address, an unreadable image) is answered with a sentence instead of
   Gradio's dump of server paths and object reprs. Gradio's upload check stays the one that
   decides which files are allowed.
-- its MCP server (`gpu_control.gradio.mcp_guard`): tool arguments are checked against the tool's schema, and
+- its MCP server (`gpu_control_gradio.mcp_guard`): tool arguments are checked against the tool's schema, and
   file arguments are data: URIs or http(s) URLs (when allowed), never objects with a server
   path. ``check_mcp_arguments`` and ``mcp_argument_problem`` are importable from here too.
 """

@@ -1,7 +1,7 @@
 """What the input guards share: how a file URL is recognised, and how a sent value is named.
 
-`gpu_control.gradio.input_guard` (Gradio's input preprocessing) and
-`gpu_control.gradio.mcp_guard` (MCP tool arguments) refuse the same things with the same
+`gpu_control_gradio.input_guard` (Gradio's input preprocessing) and
+`gpu_control_gradio.mcp_guard` (MCP tool arguments) refuse the same things with the same
 words; the words and the checks both need live here.
 """
 
