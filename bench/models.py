@@ -23,6 +23,7 @@ Every way runs the same seeded inputs; the outputs are checked bit-identical acr
 
 from __future__ import annotations
 
+import abc
 import argparse
 import functools
 import gc
@@ -275,7 +276,7 @@ class StepTimer:
             handle.remove()
 
 
-class Way:
+class Way(abc.ABC):
     """One way of running the pipeline: set up, one timed call, torn down; the figures of every call."""
 
     reference: torch.Tensor | None = None  # the first call's output (ours): every way must give it
@@ -288,8 +289,9 @@ class Way:
         self.moves: list[Moves] = []
         self.identical = True
 
+    @abc.abstractmethod
     def setup(self, moves: Moves) -> Callable[[], None]:
-        raise NotImplementedError
+        """Prepare this way of running the pipeline; return what undoes it."""
 
     def call(self, steps: int) -> None:
         moves = Moves()

@@ -33,6 +33,7 @@ Latencies are the time a client waited for its answer; p99 is the nearest-rank p
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import functools
@@ -222,7 +223,7 @@ def device_bytes(weights: Any) -> int:
 # ---------------------------------------------------------------------------- the three ways
 
 
-class Scenario:
+class Scenario(abc.ABC):
     """One way of serving the requests."""
 
     label = ""
@@ -233,12 +234,13 @@ class Scenario:
         for spec in specs:
             self.handle(spec.name)
 
+    @abc.abstractmethod
     def handle(self, name: str) -> None:
-        raise NotImplementedError
+        """Serve one request for model ``name``."""
 
+    @abc.abstractmethod
     def read(self) -> tuple[int, ...]:
         """The device use now (bytes), for the sampler."""
-        raise NotImplementedError
 
     def notes(self, budget: int, sampler: Sampler) -> list[str]:
         return []

@@ -24,6 +24,7 @@ import uvicorn
 from PIL import Image, ImageDraw
 from torch import nn
 
+from gpu_control import GPUResourceManager
 from pipelines.media import OUTPUT_AUDIO_RATE, VideoWriter, read_audio, read_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -358,3 +359,38 @@ def upload(url: str, *paths: Path) -> list[dict[str, Any]]:
     answer.raise_for_status()
     return [{"path": path, "meta": {"_type": "gradio.FileData"}} for path in answer.json()]
 
+
+class Job:
+    """A job holding a model's lease until `end()`; its thread's errors reach the test."""
+
+    def __init__(self, manager: GPUResourceManager) -> None:
+        self.manager = manager
+        self.inside, self.leave = threading.Event(), threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            with self.manager.use():
+                self.inside.set()
+                if not self.leave.wait(10):
+                    raise TimeoutError("the test never ended the job")
+        except BaseException as error:  # handed to the test thread by end()
+            self.errors.append(error)
+            self.inside.set()
+
+    def __enter__(self) -> Job:
+        self.thread.start()
+        assert self.inside.wait(10)
+        return self
+
+    def end(self) -> None:
+        self.leave.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.errors:
+            raise self.errors[0]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread.is_alive() or not self.leave.is_set():
+            self.end()

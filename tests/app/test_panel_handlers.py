@@ -14,10 +14,10 @@ import gradio as gr
 import pytest
 
 from gpu_control import ControlAccess, GPUResourceManager
-from gpu_control.gradio.gpu_panel import MESSAGE_TTL_S, gpu_panel
+from gpu_control_gradio.gpu_panel import MESSAGE_TTL_S, gpu_panel
 
 from ..gpu_control.sync import Worker
-from .helpers import GatedPipeline
+from .helpers import GatedPipeline, Job
 
 TOKEN = "panel-token-0123456"
 SAME_ORIGIN = SimpleNamespace(headers={"host": "127.0.0.1:7860", "origin": "http://127.0.0.1:7860"})
@@ -47,40 +47,6 @@ def locked_panel() -> Iterator[tuple[GPUResourceManager, dict[str, Any]]]:
     manager.force_release()
 
 
-class Job:
-    """A job holding the model's lease until `end()`; its thread's errors reach the test."""
-
-    def __init__(self, manager: GPUResourceManager) -> None:
-        self.manager = manager
-        self.inside, self.leave = threading.Event(), threading.Event()
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        try:
-            with self.manager.use():
-                self.inside.set()
-                if not self.leave.wait(10):
-                    raise TimeoutError("the test never ended the job")
-        except BaseException as error:  # handed to the test thread by end()
-            self.errors.append(error)
-            self.inside.set()
-
-    def __enter__(self) -> Job:
-        self.thread.start()
-        assert self.inside.wait(10)
-        return self
-
-    def end(self) -> None:
-        self.leave.set()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        if self.errors:
-            raise self.errors[0]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.thread.is_alive() or not self.leave.is_set():
-            self.end()
 
 
 def settings(manager: GPUResourceManager) -> tuple[float, float, bool]:

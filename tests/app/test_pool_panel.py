@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +20,9 @@ import gradio as gr
 import pytest
 
 from gpu_control import ControlAccess, GPUPool, GPUResourceManager
-from gpu_control.gradio.gpu_panel import gpu_panel, render_pool
+from gpu_control_gradio.gpu_panel import gpu_panel, render_pool
 
+from .helpers import Job
 from .pool_app_helpers import (
     FOREIGN,
     SAME_ORIGIN,
@@ -180,40 +180,6 @@ def test_selecting_or_refreshing_an_unknown_model_says_so_and_changes_nothing(po
     assert where(pool) == {"alpha": "unloaded", "beta": "unloaded"}
 
 
-class Job:
-    """A job holding one model's lease until `end()`; its thread's errors reach the test."""
-
-    def __init__(self, manager: GPUResourceManager) -> None:
-        self.manager = manager
-        self.inside, self.leave = threading.Event(), threading.Event()
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        try:
-            with self.manager.use():
-                self.inside.set()
-                if not self.leave.wait(10):
-                    raise TimeoutError("the test never ended the job")
-        except BaseException as error:  # handed to the test thread by end()
-            self.errors.append(error)
-            self.inside.set()
-
-    def __enter__(self) -> Job:
-        self.thread.start()
-        assert self.inside.wait(10)
-        return self
-
-    def end(self) -> None:
-        self.leave.set()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        if self.errors:
-            raise self.errors[0]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.thread.is_alive() or not self.leave.is_set():
-            self.end()
 
 
 def test_the_message_follows_a_deferred_offload_of_the_model_it_names_whatever_is_selected(pool_panel):

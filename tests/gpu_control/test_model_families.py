@@ -26,6 +26,8 @@ from torch import nn
 
 from gpu_control import GPUPool, GPUResourceManager, ModelWeights, attach
 
+from .model_builders import sd_pipeline
+
 CYCLES = 3
 GIB = 2**30
 CPU = torch.device("cpu")
@@ -172,64 +174,10 @@ def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_a_diffusers_pipeline_runs_identically_after_cycles(manage: Manage) -> None:
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
-    vocab = ["<|startoftext|>", "<|endoftext|>", "a", "b", "c", "a</w>", "b</w>", "c</w>", "ab</w>"]
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     image = seeded(1, 3, 16, 16).clamp(-1, 1)
-
-    def build() -> Any:
-        torch.manual_seed(0)
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=4,
-        )
-        vae = diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=16,
-        )
-        text_config = transformers.CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-        tokenizer = transformers.CLIPTokenizer(
-            vocab={token: i for i, token in enumerate(vocab)}, merges=[("a", "b</w>")], model_max_length=8
-        )
-        scheduler = diffusers.DDIMScheduler(
-            num_train_timesteps=100, clip_sample=False, set_alpha_to_one=False, steps_offset=1
-        )
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=vae,
-            unet=unet,
-            text_encoder=transformers.CLIPTextModel(text_config),
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    build = sd_pipeline
 
     def forward(pipe: Any) -> Outputs:
         result = pipe(
